@@ -1,0 +1,2 @@
+"""freezeasguard engine: guarded fine-tuning of text-to-image diffusion models."""
+__version__ = "0.1.0"

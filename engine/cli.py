@@ -1,0 +1,154 @@
+"""The ``freezeasguard`` command line.
+
+Each subcommand is a function taking parsed arguments and returning an exit code; errors the
+user can fix (bad config, bad data, failed verification) print one clear message and exit 2
+(1 for a failed proof), never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+from freezeasguard.engine import __version__
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from freezeasguard.engine.config import ConfigError
+    from freezeasguard.engine.data import DatasetError
+    from freezeasguard.engine.models import ModelError
+    from freezeasguard.engine.train import TrainingError
+
+    errs: list[type[BaseException]] = [ConfigError, DatasetError, ModelError, TrainingError]
+    for mod, name in (("freezeasguard.engine.mask", "MaskError"),
+                      ("freezeasguard.engine.manifest", "ManifestError")):
+        try:
+            errs.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errs)
+
+
+# info ------------------------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from freezeasguard.engine.backends import all_backends
+
+    rows = [("freezeasguard", __version__), ("python", platform.python_version()),
+            ("torch", torch.__version__)]
+    for mod in ("diffusers", "transformers", "safetensors", "numpy"):
+        try:
+            rows.append((mod, __import__(mod).__version__))
+        except ImportError:
+            rows.append((mod, "missing"))
+    if torch.cuda.is_available():
+        dev = f"cuda: {torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})"
+    else:
+        dev = f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    rows.append(("device", dev))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print("optional backends:")
+    for b in all_backends():
+        print(f"  {b}")
+    return 0
+
+
+# finetune --------------------------------------------------------------------------------------
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="named config preset (tiny, small, sd15, sd21)")
+    p.add_argument("--config", help="YAML or JSON config file (applied after the preset)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from freezeasguard.engine.config import resolve
+    from freezeasguard.engine.train import Trainer
+
+    overrides = list(args.overrides)
+    for key, val in (("data.path", args.data), ("train.steps", args.steps), ("out_dir", args.out),
+                     ("model.pretrained", args.model), ("train.seed", args.seed)):
+        if val is not None:
+            overrides.append(f"{key}={val}")
+    cfg = resolve(preset=args.preset, file=args.config, overrides=overrides)
+    trainer = Trainer(cfg)
+    if args.resume:
+        step = trainer.resume(None if args.resume == "latest" else args.resume)
+        print(f"resumed from step {step}")
+    hist = trainer.fit()
+    final = trainer.save_final()
+    if trainer.dist.is_main:
+        last = hist[-1] if hist else None
+        msg = f"final loss {last.loss:.4f} after {last.step} steps; " if last else ""
+        print(f"{msg}model written to {final}")
+    return 0
+
+
+# generate --------------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    from freezeasguard.engine.models import load_components
+    from freezeasguard.engine.sampling import generate, save_grid
+
+    c = load_components(args.model)
+    prompts = args.prompt * args.num
+    imgs = generate(c, prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, progress=True)
+    save_grid(imgs, args.out, nrow=min(8, len(prompts)))
+    print(f"{len(prompts)} image(s) written to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="freezeasguard",
+                                description="Guarded fine-tuning of text-to-image diffusion models.")
+    p.add_argument("--version", action="version", version=f"freezeasguard {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="versions, device, and which optional backends are usable")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("finetune", help="fine-tune a model (full, or guarded by a freeze manifest)")
+    _add_config_args(s)
+    s.add_argument("--data", help="'digits' or an image folder with metadata.jsonl")
+    s.add_argument("--model", help="model folder in Stable Diffusion layout (default: preset weights)")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--out", help="output folder (logs, checkpoints, final/)")
+    s.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or a given) checkpoint")
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("generate", help="sample images from a model folder")
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompt", action="append", required=True, help="repeatable")
+    s.add_argument("--num", type=int, default=1, help="images per prompt")
+    s.add_argument("--steps", type=int, default=30)
+    s.add_argument("--guidance", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="samples.png")
+    s.set_defaults(func=cmd_generate)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as e:
+        print(f"freezeasguard {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"freezeasguard {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

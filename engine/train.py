@@ -1,0 +1,421 @@
+"""Diffusion fine-tuning: the training step and the trainer (logs, checkpoints, resume, DDP).
+
+Determinism: everything random in step ``s`` (which images, noise, timesteps, flips, VAE
+posterior samples) comes from generators seeded by ``(seed, s)``, drawn for the *global* batch
+and then sliced per process and micro-batch. So N steps + resume + N steps equals 2N steps bit
+for bit, and 2 processes under DDP see exactly the samples one process sees at the same global
+batch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from freezeasguard.engine import __version__
+from freezeasguard.engine.config import FinetuneConfig
+from freezeasguard.engine.data import load_dataset
+from freezeasguard.engine.diffusion import NoiseSchedule
+from freezeasguard.engine.encode import prepare_data
+from freezeasguard.engine.io import atomic_dir, atomic_write_json, save_safetensors_atomic
+from freezeasguard.engine.models import Components, build_components, caption_words, load_components
+
+log = logging.getLogger("freezeasguard")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says where and why."""
+
+
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, salt)."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step * 7_919 + salt * 104_729) % (2**63 - 1))
+    return g
+
+
+def diffusion_loss(unet: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cond: torch.Tensor,
+                   noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Noise-prediction MSE in fp32 (epsilon or v target, per the schedule)."""
+    x_t = schedule.add_noise(x0, noise, t)
+    out = unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+    return F.mse_loss(out.float(), schedule.target(x0, noise, t).float())
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class GlobalBatches:
+    """Indices of the global batch of every step, from torch's DistributedSampler.
+
+    Each epoch is a seeded permutation (``DistributedSampler(num_replicas=1)``, ``set_epoch``);
+    step ``s`` takes positions ``[s*B, (s+1)*B)`` of the epoch's order (incomplete tail batches
+    are dropped). Process ``r`` of ``W`` takes every W-th sample of the global batch starting at
+    ``r``, which is what ``DistributedSampler(num_replicas=W, rank=r)`` hands that process.
+    """
+
+    def __init__(self, n: int, batch: int, seed: int):
+        from torch.utils.data.distributed import DistributedSampler
+
+        if n < batch:
+            raise TrainingError(f"dataset has {n} samples, fewer than the global batch {batch}")
+        self.n, self.batch = n, batch
+        self.per_epoch = n // batch
+        self.sampler = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=seed,
+                                          drop_last=True)
+        self._epoch, self._order = -1, None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._order, self._epoch = torch.tensor(list(iter(self.sampler))), epoch
+        return self._order[k * self.batch:(k + 1) * self.batch]
+
+
+def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Decay matrices/kernels (dim >= 2); never biases and norm weights."""
+    decay = [p for n, p in named if p.dim() >= 2]
+    no_decay = [p for n, p in named if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def describe_groups(groups: list[dict]) -> str:
+    rows = [f"{g.get('name', i)}: {len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} params"
+            for i, g in enumerate(groups)]
+    return "optimizer groups: " + "; ".join(rows)
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    step_time: float
+    samples_per_s: float
+    memory: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "memory"}
+        d.update(self.memory)
+        return d
+
+
+def _memory_now(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"cuda_max_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    try:
+        import resource
+
+        return {"max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    except ImportError:  # not on POSIX
+        return {}
+
+
+class Trainer:
+    """Fine-tunes a text-to-image diffusion UNet (text encoder and VAE stay frozen).
+
+    Args:
+        cfg: the resolved config.
+        components: networks to train (default: built or loaded per ``cfg.model``).
+        dataset: an ImageDataset (default: loaded per ``cfg.data``).
+        wiring: builds (trainable named params, optimizer) from the UNet; the freeze engine
+            plugs in here. Default: every UNet tensor trainable, torch AdamW.
+    """
+
+    def __init__(self, cfg: FinetuneConfig, components: Components | None = None, dataset=None,
+                 wiring: Callable | None = None):
+        self.cfg = cfg.validate()
+        tc = cfg.train
+        if tc.num_threads:
+            torch.set_num_threads(tc.num_threads)
+        dev = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist = init_distributed(torch.device(dev).type)
+        if dev == "cuda":
+            dev = f"cuda:{self.dist.local_rank}"
+        self.device = torch.device(dev)
+        if self.cfg.train.batch_size % (self.dist.world * tc.grad_accum):
+            raise TrainingError(f"train.batch_size {tc.batch_size} must be divisible by processes "
+                                f"({self.dist.world}) x grad_accum ({tc.grad_accum})")
+        self.out = Path(cfg.out_dir)
+
+        if dataset is None:
+            res = self._resolution_hint(components)
+            dataset = load_dataset(cfg.data.path, res, caption_column=cfg.data.caption_column,
+                                   domains=cfg.data.domains, center_crop=cfg.data.center_crop,
+                                   skip_bad=cfg.data.skip_bad, seed=tc.seed) if cfg.data.path != "digits" \
+                else load_dataset("digits", res, domains=cfg.data.domains)
+        self.dataset = dataset
+        if components is None:
+            components = self._build_components(dataset)
+        self.c = components.to(self.device)
+        if dataset.resolution != self.c.resolution:
+            raise TrainingError(f"dataset resolution {dataset.resolution} != model resolution {self.c.resolution}")
+        for m in (self.c.text_encoder, self.c.vae):
+            if m is not None:
+                m.requires_grad_(False).eval()
+        self._set_attention()
+        if tc.gradient_checkpointing:
+            self.c.unet.enable_gradient_checkpointing()
+        self.data = prepare_data(self.c, dataset, cache=cfg.data.cache, random_flip=cfg.data.random_flip,
+                                 device=self.device, progress=tc.progress and self.dist.is_main)
+        self.batches = GlobalBatches(len(self.data), tc.batch_size, tc.seed)
+
+        self.c.unet.train()
+        self.named_trainable, self.optimizer = (wiring or self._default_wiring)(self.c.unet)
+        self.trainable = [p for _, p in self.named_trainable]
+        self.model: nn.Module = self.c.unet
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.c.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
+        self.step = 0
+        self.history: list[StepStats] = []
+
+    # setup -------------------------------------------------------------------------------------
+    def _resolution_hint(self, components: Components | None) -> int:
+        if components is not None:
+            return components.resolution
+        m = self.cfg.model
+        if m.pretrained:
+            index = Path(m.pretrained) / "model_index.json"
+            if index.is_file():
+                r = json.loads(index.read_text()).get("_freezeasguard", {}).get("resolution")
+                if r:
+                    return int(r)
+            if m.resolution:
+                return m.resolution
+            return load_components(m.pretrained).resolution
+        from freezeasguard.engine.models import get_preset
+
+        return m.resolution or get_preset(m.preset).resolution
+
+    def _build_components(self, dataset) -> Components:
+        m = self.cfg.model
+        if m.pretrained:
+            return load_components(m.pretrained)
+        return build_components(m.preset, space=m.space, resolution=dataset.resolution,
+                                prediction_type=m.prediction_type,
+                                extra_words=caption_words(dataset.captions), seed=self.cfg.train.seed)
+
+    def _set_attention(self) -> None:
+        try:
+            from freezeasguard.kernels.attention import set_attention_backend
+        except ImportError:  # dispatch module not present: diffusers' default processor stays
+            return
+        set_attention_backend(self.c.unet, self.cfg.model.attention)
+
+    def _default_wiring(self, unet: nn.Module):
+        named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+        groups = param_groups(named, self.cfg.train.weight_decay)
+        if self.dist.is_main:
+            log.info(describe_groups(groups))
+        return named, make_optimizer(groups, self.cfg, self.device)
+
+    # checkpoints -------------------------------------------------------------------------------
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.out / "checkpoints" / f"step-{step:06d}"
+
+    def save_checkpoint(self) -> Path:
+        """Trainable UNet tensors + optimizer state + step, written as one atomic folder."""
+        path = self.checkpoint_dir(self.step)
+        if not self.dist.is_main:
+            return path
+        names = [n for n, _ in self.named_trainable]
+        with atomic_dir(path) as tmp:
+            save_safetensors_atomic(dict(self.named_trainable), tmp / "trainable.safetensors",
+                                    metadata={"step": str(self.step)})
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       tmp / "optimizer.pt")
+            atomic_write_json(tmp / "state.json", {"step": self.step, "trainable": names,
+                                                   "config": self.cfg.to_dict(), "version": __version__})
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        root = self.out / "checkpoints"
+        found = sorted(root.glob("step-*")) if root.is_dir() else []
+        return found[-1] if found else None
+
+    def resume(self, path: str | Path | None = None) -> int:
+        """Load a checkpoint (default: the latest under out_dir); returns its step."""
+        from safetensors.torch import load_file
+
+        path = Path(path) if path else self.latest_checkpoint()
+        if path is None or not (path / "state.json").is_file():
+            raise TrainingError(f"no checkpoint to resume from under {self.out / 'checkpoints'}")
+        state = json.loads((path / "state.json").read_text())
+        names = [n for n, _ in self.named_trainable]
+        if state["trainable"] != names:
+            raise TrainingError(f"checkpoint {path} was written for a different set of trainable tensors")
+        tensors = load_file(path / "trainable.safetensors")
+        with torch.no_grad():
+            for n, p in self.named_trainable:
+                p.copy_(tensors[n])
+        opt = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        self.step = int(state["step"])
+        return self.step
+
+    # the step ----------------------------------------------------------------------------------
+    def _step_inputs(self, step: int):
+        """Global-batch randomness of one step, sliced to this process."""
+        tc, n_glob = self.cfg.train, self.cfg.train.batch_size
+        g = step_generator(tc.seed, step)
+        idx = self.batches(step)
+        shape = self.data.sample_shape
+        noise = torch.randn((n_glob, *shape), generator=g)
+        t = self.c.schedule.sample_timesteps(n_glob, generator=g)
+        flip = torch.rand(n_glob, generator=g) < 0.5
+        eps = torch.randn((n_glob, *shape), generator=g)
+        mine = slice(self.dist.rank, None, self.dist.world)
+        return idx[mine], noise[mine], t[mine], flip[mine], eps[mine]
+
+    def train_step(self) -> StepStats:
+        tc = self.cfg.train
+        t0 = time.perf_counter()
+        idx, noise, t, flip, eps = self._step_inputs(self.step)
+        chunks = torch.arange(len(idx)).chunk(tc.grad_accum)
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.mixed_precision == "bf16")
+        total = torch.zeros((), device=self.device)
+        for i, ch in enumerate(chunks):
+            x0, cond = self.data.batch(idx[ch], flip[ch], eps[ch], self.device)
+            sync = i == len(chunks) - 1 or self.dist.world == 1
+            ctx = self.model.no_sync() if not sync else _nullcontext()
+            with ctx:
+                with amp:
+                    loss = diffusion_loss(self.model, self.c.schedule, x0, cond,
+                                          noise[ch].to(self.device), t[ch].to(self.device))
+                (loss * (len(ch) / len(idx))).backward()
+            total += loss.detach() * (len(ch) / len(idx))
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+            total /= self.dist.world
+        loss_value = float(total)
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"loss is {loss_value} at step {self.step} (lr {self.scheduler.get_last_lr()[0]:g}); "
+                                "lower train.lr, enable clipping, or check the data")
+        if tc.max_grad_norm is not None:
+            gn = float(torch.nn.utils.clip_grad_norm_(self.trainable, tc.max_grad_norm))
+        else:
+            gn = float(torch.linalg.vector_norm(torch.stack(
+                [p.grad.norm() for p in self.trainable if p.grad is not None])))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=getattr(self.optimizer, "zero_grad_set_to_none", True))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.step += 1
+        return StepStats(self.step, loss_value, lr, gn, dt, tc.batch_size / dt, _memory_now(self.device))
+
+    # the loop ----------------------------------------------------------------------------------
+    def fit(self, steps: int | None = None, on_step: Callable[[StepStats], None] | None = None) -> list[StepStats]:
+        """Train up to ``steps`` (default: ``cfg.train.steps``) total steps."""
+        tc = self.cfg.train
+        end = steps if steps is not None else tc.steps
+        main = self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out / "config.json", {"config": self.cfg.to_dict(), "version": __version__,
+                                                         "world_size": self.dist.world,
+                                                         "device": str(self.device)})
+        bar = None
+        if tc.progress and main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=end, initial=self.step, desc="fine-tuning", unit="step", dynamic_ncols=True)
+        logf = open(self.out / "log.jsonl", "a") if main else None
+        try:
+            while self.step < end:
+                s = self.train_step()
+                self.history.append(s)
+                if on_step:
+                    on_step(s)
+                if logf and (s.step % tc.log_every == 0 or s.step == end):
+                    logf.write(json.dumps(s.to_dict()) + "\n")
+                    logf.flush()
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{s.loss:.4f}", gn=f"{s.grad_norm:.2f}", sps=f"{s.samples_per_s:.1f}")
+                if tc.checkpoint_every and s.step % tc.checkpoint_every == 0 and s.step < end:
+                    self.save_checkpoint()
+        finally:
+            if bar:
+                bar.close()
+            if logf:
+                logf.close()
+        return self.history
+
+    def unet_state_for_export(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.c.unet.state_dict().items()}
+
+    def save_final(self, path: str | Path | None = None) -> Path:
+        """The fine-tuned model as a Stable-Diffusion-layout folder (main process only)."""
+        from freezeasguard.engine.models import save_components
+
+        path = Path(path) if path else self.out / "final"
+        if self.dist.is_main:
+            save_components(self.c, path, unet_state=self.unet_state_for_export())
+        return path
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def make_optimizer(groups: list[dict], cfg: FinetuneConfig, device: torch.device) -> torch.optim.Optimizer:
+    tc = cfg.train
+    groups = [g for g in groups if g["params"]]
+    if tc.optimizer == "adamw8bit":
+        from freezeasguard.engine.backends import bitsandbytes_backend
+
+        b = bitsandbytes_backend()
+        if not b.available:
+            raise TrainingError(f"train.optimizer=adamw8bit needs bitsandbytes: {b.reason} "
+                                "(pip install bitsandbytes, or use train.optimizer=adamw)")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
+                             fused=device.type == "cuda")

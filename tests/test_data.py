@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from freezeasguard.engine import data as D
+
+
+def _folder(tmp_path, rows, n_images=3):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(n_images):
+        Image.new("RGB", (20 + i, 12), color=(i * 40, 0, 0)).save(root / f"{i}.png")
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+GOOD = [{"file_name": "0.png", "text": "a red thing", "domain": "legal"},
+        {"file_name": "1.png", "text": "another", "domain": "illegal"},
+        {"file_name": "2.png", "text": "third one", "domain": "legal"}]
+
+
+def test_image_folder_loads_and_preprocesses(tmp_path):
+    ds = D.load_image_folder(_folder(tmp_path, GOOD), 8)
+    assert ds.images.shape == (3, 3, 8, 8) and ds.images.dtype == torch.uint8
+    assert ds.captions[1] == "another" and ds.domain_names() == ["illegal", "legal"]
+    assert len(ds.select_domains(["legal"])) == 2
+    x = ds.normalized()
+    assert x.min() >= -1 and x.max() <= 1
+    # red channel of image 2 is 80 everywhere (uniform colour survives resize + crop)
+    assert int(ds.images[2, 0, 4, 4]) == 80
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"file_name": "9.png", "text": "x"}, r"metadata.jsonl:2: image file '9.png' not found"),
+    ({"file_name": "1.png"}, r"metadata.jsonl:2: 1.png: missing or empty caption 'text'"),
+    ({"file_name": "1.png", "text": "  "}, r"metadata.jsonl:2: 1.png: missing or empty caption"),
+    ({"text": "no file"}, r"metadata.jsonl:2: missing 'file_name'"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, bad, message):
+    root = _folder(tmp_path, [GOOD[0], bad, GOOD[2]])
+    with pytest.raises(D.DatasetError, match=message):
+        D.load_image_folder(root, 8)
+    ds = D.load_image_folder(root, 8, skip_bad=True)
+    assert len(ds) == 2 and len(ds.skipped) == 1 and ds.skipped[0][1] == 2
+
+
+def test_corrupt_image_and_bad_json(tmp_path):
+    root = _folder(tmp_path, GOOD)
+    (root / "1.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    with pytest.raises(D.DatasetError, match=r":2: cannot decode image '1.png'"):
+        D.load_image_folder(root, 8)
+    (root / "metadata.jsonl").write_text(json.dumps(GOOD[0]) + "\n{not json\n")
+    with pytest.raises(D.DatasetError, match=r":2: not valid JSON"):
+        D.load_image_folder(root, 8)
+
+
+def test_empty_dataset_and_unknown_domain(tmp_path):
+    root = _folder(tmp_path, GOOD)
+    with pytest.raises(D.DatasetError, match=r"unknown domain\(s\) \['artist'\]"):
+        D.load_image_folder(root, 8, domains=["artist"])
+    with pytest.raises(D.DatasetError, match=r":2: 1.png: unknown domain 'illegal'"):
+        D.load_image_folder(root, 8, known_domains=["legal"])
+    (root / "metadata.jsonl").write_text("\n")
+    with pytest.raises(D.DatasetError, match="empty"):
+        D.load_image_folder(root, 8)
+    with pytest.raises(D.DatasetError, match="no metadata.jsonl"):
+        D.load_image_folder(tmp_path, 8)
+
+
+def test_digits_dataset_is_real_and_round_trips_as_a_folder(tmp_path):
+    ds = D.digits_dataset(8)
+    assert len(ds) == 1797 and len(ds.domain_names()) == 10
+    assert ds.captions[0] == "a photo of the digit zero"
+    sub = D.digits_dataset(8, classes=[5, 7])
+    assert set(sub.domain_names()) == {"five", "seven"}
+    D.write_image_folder(sub, tmp_path / "d")
+    back = D.load_image_folder(tmp_path / "d", 8)
+    assert back.captions == sub.captions and back.domains == sub.domains
+    assert torch.equal(back.images, sub.images)  # PNG is lossless and 8 px needs no resize
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_cached_and_live_encodings_agree(space):
+    from freezeasguard.engine.encode import LiveData, encode_dataset
+    from freezeasguard.engine.models import build_components
+
+    c = build_components("tiny", space=space, resolution=16)
+    ds = D.digits_dataset(16, classes=[3])
+    cached = encode_dataset(c, ds, random_flip=True)
+    live = LiveData(c, ds, flipped=True)
+    idx = torch.tensor([0, 5, 7])
+    flip = torch.tensor([True, False, True])
+    eps = torch.randn(3, *cached.sample_shape)
+    a, ca = cached.batch(idx, flip, eps, "cpu")
+    b, cb = live.batch(idx, flip, eps, "cpu")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ca, cb)
+    assert len(cached.captions) == 1  # one distinct caption encoded once
