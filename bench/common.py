@@ -1,0 +1,88 @@
+"""Shared pieces of the benchmarks: conditions, timing statistics, result writing."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from freezeasguard.engine.io import atomic_write_json, atomic_write_text
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def conditions(**extra: Any) -> dict[str, Any]:
+    """Where and with what a number was measured."""
+    import diffusers
+
+    from freezeasguard.engine import __version__
+    from freezeasguard.engine.backends import all_backends
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    out = {
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "freezeasguard": __version__,
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "backends": {b.name: (b.version if b.available else f"unusable: {b.reason}") for b in all_backends()},
+    }
+    out.update(extra)
+    return out
+
+
+def percentiles(xs: Sequence[float]) -> dict[str, float]:
+    """p20/p50/p80 of a sample (the median is what the tables show)."""
+    s = sorted(xs)
+    if not s:
+        return {"p20": float("nan"), "p50": float("nan"), "p80": float("nan")}
+    q = statistics.quantiles(s, n=10, method="inclusive") if len(s) > 1 else [s[0]] * 9
+    return {"p20": q[1], "p50": statistics.median(s), "p80": q[7]}
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """columns: (key, header). Floats are printed with 3 significant digits."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return "" if v is None else str(v)
+
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def write_results(out_dir: Path, suite: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    j = atomic_write_json(out_dir / f"{suite}.json", payload)
+    m = atomic_write_text(out_dir / f"{suite}.md", markdown + "\n")
+    return j, m
+
+
+def conditions_markdown(cond: dict[str, Any]) -> str:
+    lines = [f"- {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in cond.items()]
+    return "Conditions:\n" + "\n".join(lines)
