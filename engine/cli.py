@@ -102,6 +102,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# verify ----------------------------------------------------------------------------------------
+def load_unet_state(path: str | Path) -> dict:
+    """UNet tensors of a model folder (unet/*.safetensors), a unet/ folder, or a .safetensors file."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_file():
+        return load_file(path)
+    folder = path / "unet" if (path / "unet").is_dir() else path
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights under {folder}")
+    state: dict = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from freezeasguard.engine.manifest import Manifest, verify_frozen
+
+    manifest = Manifest.load(args.manifest)
+    state = load_unet_state(args.model)
+    problems = manifest.model_problems(state, dtypes=False, fingerprint=False)
+    report = verify_frozen(manifest, state)
+    for p in problems:
+        print(f"layout: {p}")
+    for n in report.failures:
+        print(f"FAIL {report.details[n]}")
+    print(report.summary())
+    return 0 if report.ok and not problems else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="freezeasguard",
                                 description="Guarded fine-tuning of text-to-image diffusion models.")
@@ -132,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png")
     s.set_defaults(func=cmd_generate)
 
+    s = sub.add_parser("verify", help="prove every frozen tensor of a model is bit-identical to the manifest")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--model", required=True, help="model folder, unet/ folder or .safetensors file")
+    s.set_defaults(func=cmd_verify)
     return p
 
 

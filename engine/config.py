@@ -79,8 +79,8 @@ class TrainConfig:
     """AdamW epsilon."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (None = no clipping)."""
-    mixed_precision: str = "no"
-    """'no' (fp32) or 'bf16' (autocast)."""
+    mixed_precision: str = "fp32"
+    """'fp32' or 'bf16' (autocast, fp32 master weights)."""
     gradient_checkpointing: bool = False
     """Recompute UNet block activations in backward."""
     seed: int = 0
@@ -141,7 +141,7 @@ class FinetuneConfig:
             (self.train.batch_size % self.train.grad_accum == 0,
              "train.batch_size must be divisible by train.grad_accum"),
             (self.train.lr > 0, "train.lr must be > 0"),
-            (self.train.mixed_precision in ("no", "bf16"), "train.mixed_precision must be 'no' or 'bf16'"),
+            (self.train.mixed_precision in ("fp32", "bf16"), "train.mixed_precision must be 'fp32' or 'bf16'"),
             (self.train.optimizer in ("adamw", "adamw8bit"), "train.optimizer must be 'adamw' or 'adamw8bit'"),
             (self.train.max_grad_norm is None or self.train.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
             (self.freeze.mode in ("full", "naive", "engine"), "freeze.mode must be full|naive|engine"),

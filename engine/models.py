@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from freezeasguard.engine.diffusion import NoiseSchedule
-from freezeasguard.engine.io import atomic_dir
+from freezeasguard.engine.io import atomic_dir, save_safetensors_atomic
 
 # Vocabulary of the offline word-level tokenizer used by the small presets. Real checkouts carry
 # their own (CLIP BPE) tokenizer in tokenizer/, which load_components() picks up instead.
@@ -287,7 +287,12 @@ def save_components(c: Components, path: str | os.PathLike, *, unet_state: dict 
     """
     path = Path(path)
     with atomic_dir(path) as tmp:
-        c.unet.save_pretrained(tmp / "unet", state_dict=unet_state, safe_serialization=True)
+        # The config through diffusers, the weights ourselves: the exact tensors given (diffusers'
+        # save_pretrained would write the live module, e.g. bf16 copies of frozen tensors).
+        c.unet.save_config(tmp / "unet")
+        state = unet_state if unet_state is not None else c.unet.state_dict()
+        save_safetensors_atomic(state, tmp / "unet" / "diffusion_pytorch_model.safetensors",
+                                metadata={"format": "pt"})
         c.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         c.tokenizer.save_pretrained(tmp / "tokenizer")
         if c.vae is not None:

@@ -193,6 +193,7 @@ class Trainer:
         self.batches = GlobalBatches(len(self.data), tc.batch_size, tc.seed)
 
         self.c.unet.train()
+        self.guard = None  # set by the default wiring (freeze.py); custom wirings may set it too
         self.named_trainable, self.optimizer = (wiring or self._default_wiring)(self.c.unet)
         self.trainable = [p for _, p in self.named_trainable]
         self.model: nn.Module = self.c.unet
@@ -204,6 +205,10 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
         self.step = 0
         self.history: list[StepStats] = []
+        # When set, the next steps record a memory ledger (engine/ledger.py) at their peak point:
+        # after backward and the optimizer step, before gradients are zeroed.
+        self.measure_memory = False
+        self.last_ledger = None
 
     # setup -------------------------------------------------------------------------------------
     def _resolution_hint(self, components: Components | None) -> int:
@@ -239,11 +244,18 @@ class Trainer:
         set_attention_backend(self.c.unet, self.cfg.model.attention)
 
     def _default_wiring(self, unet: nn.Module):
-        named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
-        groups = param_groups(named, self.cfg.train.weight_decay)
+        from freezeasguard.engine.freeze import apply_freeze
+
+        self.guard, named, opt = apply_freeze(self.cfg, unet, self.device)
         if self.dist.is_main:
-            log.info(describe_groups(groups))
-        return named, make_optimizer(groups, self.cfg, self.device)
+            if self.guard.mask is not None:
+                log.info("freeze (%s): %s; %d frozen convs without saved input", self.cfg.freeze.mode,
+                         self.guard.mask.summary(), self.guard.frozen_convs)
+            if hasattr(opt, "describe"):
+                log.info(opt.describe())
+            else:
+                log.info(describe_groups(opt.param_groups))
+        return named, opt
 
     # checkpoints -------------------------------------------------------------------------------
     def checkpoint_dir(self, step: int) -> Path:
@@ -311,14 +323,23 @@ class Trainer:
         chunks = torch.arange(len(idx)).chunk(tc.grad_accum)
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.mixed_precision == "bf16")
         total = torch.zeros((), device=self.device)
+        saved = None
         for i, ch in enumerate(chunks):
             x0, cond = self.data.batch(idx[ch], flip[ch], eps[ch], self.device)
             sync = i == len(chunks) - 1 or self.dist.world == 1
             ctx = self.model.no_sync() if not sync else _nullcontext()
-            with ctx:
+            counting = self.measure_memory and i == 0
+            if counting:
+                from freezeasguard.engine.ledger import count_saved_activations
+
+                counter = count_saved_activations(self.c.unet)
+            with ctx, (counter if counting else _nullcontext()) as saved_now:
                 with amp:
                     loss = diffusion_loss(self.model, self.c.schedule, x0, cond,
                                           noise[ch].to(self.device), t[ch].to(self.device))
+            if counting:
+                saved = saved_now
+            with ctx:
                 (loss * (len(ch) / len(idx))).backward()
             total += loss.detach() * (len(ch) / len(idx))
         if self.dist.world > 1:
@@ -330,7 +351,9 @@ class Trainer:
         if not math.isfinite(loss_value):
             raise TrainingError(f"loss is {loss_value} at step {self.step} (lr {self.scheduler.get_last_lr()[0]:g}); "
                                 "lower train.lr, enable clipping, or check the data")
-        if tc.max_grad_norm is not None:
+        if hasattr(self.optimizer, "clip_grad_norm_"):  # flat buffer: one reduction, clip in-kernel
+            gn = float(self.optimizer.clip_grad_norm_(tc.max_grad_norm))
+        elif tc.max_grad_norm is not None:
             gn = float(torch.nn.utils.clip_grad_norm_(self.trainable, tc.max_grad_norm))
         else:
             gn = float(torch.linalg.vector_norm(torch.stack(
@@ -338,6 +361,12 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
+        if self.measure_memory:
+            from freezeasguard.engine.ledger import memory_ledger
+
+            frozen = self.guard.frozen_names if self.guard is not None else None
+            self.last_ledger = memory_ledger(self.c.unet, self.optimizer, saved_activation_bytes=saved,
+                                             frozen_names=frozen or None)
         self.optimizer.zero_grad(set_to_none=getattr(self.optimizer, "zero_grad_set_to_none", True))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -383,16 +412,36 @@ class Trainer:
                 logf.close()
         return self.history
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors only (what a delta checkpoint holds)."""
+        return {n: p.detach() for n, p in self.named_trainable}
+
     def unet_state_for_export(self) -> dict[str, torch.Tensor]:
+        if self.guard is not None:
+            return self.guard.export_state(self.c.unet)
         return {k: v.detach() for k, v in self.c.unet.state_dict().items()}
 
+    def verify_frozen(self):
+        """VerifyReport of the frozen tensors against the job's manifest (None without a freeze)."""
+        return self.guard.verify(self.c.unet) if self.guard is not None else None
+
     def save_final(self, path: str | Path | None = None) -> Path:
-        """The fine-tuned model as a Stable-Diffusion-layout folder (main process only)."""
+        """The fine-tuned model as a Stable-Diffusion-layout folder (main process only).
+
+        Refused, with nothing written, when a frozen tensor is not bit-identical to the base.
+        """
         from freezeasguard.engine.models import save_components
 
         path = Path(path) if path else self.out / "final"
+        report = self.verify_frozen()
+        if report is not None and not report.ok:
+            raise TrainingError(f"refusing to write {path}: {report.summary()}: "
+                                + "; ".join(report.details[n] for n in report.failures[:10]))
         if self.dist.is_main:
             save_components(self.c, path, unet_state=self.unet_state_for_export())
+            if report is not None:
+                atomic_write_json(path / "verify.json", {"ok": report.ok, "summary": report.summary(),
+                                                         "manifest_digest": self.guard.manifest.digest()})
         return path
 
 

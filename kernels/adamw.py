@@ -52,7 +52,7 @@ __all__ = [
     "clip_coef",
 ]
 
-Backend = Literal["auto", "triton", "torch"]
+Backend = Literal["auto", "triton", "torch", "torch_fused"]
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -273,10 +273,10 @@ def _validate(
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "torch":
-        return "torch"
+    if backend not in ("auto", "triton", "torch", "torch_fused"):
+        raise ValueError(f"backend must be 'auto', 'triton', 'torch' or 'torch_fused', got {backend!r}")
+    if backend in ("torch", "torch_fused"):
+        return backend
     tb = triton_backend()
     runnable = tb.available and (device.type == "cuda" or _interpreting())
     if runnable:
@@ -332,6 +332,10 @@ def fused_adamw_(
         weight_decay=weight_decay, decay_end=decay_end, step=step, grad_scale=grad_scale,
     )
     used = _resolve_backend(backend, param.device)
+    if used == "torch_fused":
+        _torch_fused_adamw_(param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, decay_end=decay_end, step=step, grad_scale=grad_scale)
+        return used
     if used == "torch":
         adamw_ref_(
             param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
@@ -357,6 +361,25 @@ def fused_adamw_(
         num_warps=warps,
     )
     return used
+
+
+def _torch_fused_adamw_(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay,
+                        decay_end, step, grad_scale) -> None:
+    """torch's own fused AdamW (one pass, vectorised on CPU) over the two weight-decay ranges.
+
+    Its ``grad_scale`` argument *divides* the gradient (it is meant for AMP unscaling), so the
+    clip coefficient is passed as its reciprocal. Same math as ``adamw_ref_`` up to fp32 rounding.
+    """
+    if param.dtype != torch.float32 or grad.dtype != torch.float32:
+        raise AdamWInputError("backend 'torch_fused' takes fp32 params and grads")
+    inv = None if grad_scale is None else (1.0 / grad_scale.reshape(()))
+    steps = torch.tensor(float(step), device=param.device)
+    n = param.numel()
+    for lo, hi, wd in ((0, decay_end, weight_decay), (decay_end, n, 0.0)):
+        if hi > lo:
+            torch._fused_adamw_([param[lo:hi]], [grad[lo:hi]], [exp_avg[lo:hi]], [exp_avg_sq[lo:hi]], [],
+                                [steps], lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps,
+                                amsgrad=False, maximize=False, grad_scale=inv, found_inf=None)
 
 
 def global_grad_norm(grad: torch.Tensor) -> torch.Tensor:

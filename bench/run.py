@@ -1,0 +1,208 @@
+"""freezeasguard benchmarks: scenarios -> rows -> JSON + markdown, with their conditions.
+
+    python bench/run.py              # the main job: ~1 min on a 2-core CPU (the GPU when present)
+    python bench/run.py freeze       # full vs naive vs engine at frozen fractions 0/0.3/0.5/0.7
+    python bench/run.py --help
+
+Every suite trains the same model on the same data, mask, batch and seed in each mode and
+interleaves their steps (one step of each mode in turn), so host noise hits all modes alike;
+times are medians over the timed steps after warm-up, reported as ratios to full fine-tuning.
+Memory is the exact ledger (engine/ledger.py) at the step's peak point: weights by dtype,
+gradients, optimizer state and activations saved for backward.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from freezeasguard.engine.config import resolve
+from freezeasguard.engine.data import digits_dataset
+from freezeasguard.engine.manifest import Manifest
+from freezeasguard.engine.mask import FreezeMask
+from freezeasguard.engine.models import build_components, caption_words
+from freezeasguard.engine.train import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import conditions, conditions_markdown, markdown_table, percentiles, write_results  # noqa: E402
+
+MiB = 2**20
+
+
+@dataclass
+class Scenario:
+    """One training setup measured side by side with the others of its suite."""
+
+    name: str
+    mode: str  # full | naive | engine
+    frozen: float  # fraction of parameters frozen (seeded random mask), or -1 for 'all convs'
+    frozen_conv: bool = True
+
+
+def _conv_mask(unet) -> FreezeMask:
+    names = [f"{m}.{k}" for m, mod in unet.named_modules() if isinstance(mod, torch.nn.Conv2d)
+             for k, _ in mod.named_parameters(recurse=False)]
+    return FreezeMask.from_names(unet, names)
+
+
+def build_trainer(sc: Scenario, args, dataset, workdir: Path) -> Trainer:
+    comps = build_components(args.preset, resolution=args.resolution, extra_words=caption_words(dataset.captions),
+                             seed=args.seed)
+    over = [f"train.batch_size={args.batch}", f"train.steps={args.warmup + args.steps}",
+            f"train.mixed_precision={args.dtype}", f"train.seed={args.seed}", "train.progress=false",
+            f"train.lr={args.lr}", f"freeze.mode={sc.mode}", f"freeze.frozen_conv={str(sc.frozen_conv).lower()}",
+            f"out_dir={workdir / sc.name}", f"model.preset={args.preset}"]
+    if sc.mode != "full":
+        if sc.frozen < 0:
+            mask = _conv_mask(comps.unet)
+        else:
+            mask = FreezeMask.random(comps.unet, sc.frozen, by="params", seed=args.seed)
+        path = workdir / f"{sc.name}.manifest.json"
+        Manifest.build(comps.unet, mask, provenance={"method": "bench", "seed": args.seed}).save(path)
+        over.append(f"freeze.manifest={path}")
+    cfg = resolve(overrides=over)
+    return Trainer(cfg, components=comps, dataset=dataset)
+
+
+def run_suite(scenarios: list[Scenario], args) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    dataset = digits_dataset(args.resolution, classes=list(range(args.classes)))
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {}
+        for sc in tqdm(scenarios, desc="building", unit="scenario"):
+            trainers[sc.name] = build_trainer(sc, args, dataset, Path(tmp))
+        times: dict[str, list[float]] = {sc.name: [] for sc in scenarios}
+        ledgers = {}
+        total = args.warmup + args.steps
+        bar = tqdm(total=total * len(scenarios), desc="interleaved steps", unit="step")
+        for k in range(total):
+            for sc in scenarios:
+                tr = trainers[sc.name]
+                tr.measure_memory = k == 0
+                t0 = time.perf_counter()
+                s = tr.train_step()
+                dt = time.perf_counter() - t0
+                if k == 0:
+                    ledgers[sc.name] = tr.last_ledger
+                    tr.measure_memory = False
+                if k >= args.warmup:
+                    times[sc.name].append(dt)
+                bar.update(1)
+                bar.set_postfix(scenario=sc.name, loss=f"{s.loss:.3f}")
+        bar.close()
+        rows = []
+        for sc in scenarios:
+            tr, led = trainers[sc.name], ledgers[sc.name]
+            st = tr.guard.mask.stats() if tr.guard is not None and tr.guard.mask is not None else None
+            report = tr.verify_frozen()
+            p = percentiles(times[sc.name])
+            rows.append({
+                "scenario": sc.name, "mode": sc.mode,
+                "frozen_params": st.param_ratio if st else 0.0,
+                "frozen_tensors": st.tensor_ratio if st else 0.0,
+                "weights_mib": led.weight_bytes / MiB,
+                "frozen_weights_mib": led.frozen_weight_bytes / MiB,
+                "grads_mib": led.grad_bytes / MiB,
+                "optimizer_mib": led.optimizer_state_bytes / MiB,
+                "static_mib": led.static_bytes / MiB,
+                "activations_mib": (led.activation_bytes or 0) / MiB,
+                "step_ms_p20": p["p20"] * 1e3, "step_ms_p50": p["p50"] * 1e3, "step_ms_p80": p["p80"] * 1e3,
+                "samples_per_s": args.batch / p["p50"],
+                "frozen_convs": tr.guard.frozen_convs if tr.guard is not None else 0,
+                "verify": report.summary() if report is not None else "n/a (nothing frozen)",
+                "verify_ok": report.ok if report is not None else None,
+                "final_loss": tr.history[-1].loss if tr.history else None,
+                "cuda_max_allocated_mib": (led.cuda_max_allocated or 0) / MiB or None,
+            })
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Ratios to the full and naive rows at the same frozen fraction (full: the 0% row)."""
+    full = next((r for r in rows if r["mode"] == "full"), None)
+    for r in rows:
+        naive = next((x for x in rows if x["mode"] == "naive" and x["scenario"].split("@")[1:] ==
+                      r["scenario"].split("@")[1:]), None)
+        for key, short in (("static_mib", "static"), ("activations_mib", "act"), ("step_ms_p50", "time")):
+            if full and full[key]:
+                r[f"{short}_vs_full"] = r[key] / full[key]
+            if naive and naive[key]:
+                r[f"{short}_vs_naive"] = r[key] / naive[key]
+
+
+def suite_scenarios(name: str, fractions: list[float]) -> list[Scenario]:
+    out = [Scenario("full", "full", 0.0)]
+    for f in fractions:
+        if f == 0:
+            continue
+        tag = f"@{int(round(f * 100))}%"
+        out += [Scenario("naive" + tag, "naive", f), Scenario("engine" + tag, "engine", f)]
+    if name == "freeze":
+        out += [Scenario("naive@convs", "naive", -1), Scenario("engine@convs", "engine", -1),
+                Scenario("engine-noconvfn@convs", "engine", -1, frozen_conv=False)]
+    return out
+
+
+COLUMNS = [("scenario", "scenario"), ("frozen_params", "frozen params"), ("frozen_tensors", "frozen tensors"),
+           ("weights_mib", "weights MiB"), ("grads_mib", "grads MiB"), ("optimizer_mib", "optim MiB"),
+           ("static_mib", "static MiB"), ("static_vs_full", "static/full"), ("static_vs_naive", "static/naive"),
+           ("activations_mib", "saved act MiB"), ("act_vs_naive", "act/naive"),
+           ("step_ms_p50", "step ms (p50)"), ("time_vs_full", "time/full"), ("time_vs_naive", "time/naive")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suite", nargs="?", default="default", choices=["default", "freeze"],
+                   help="default: the ~1 min main job (full/naive/engine at 50%% frozen); "
+                        "freeze: fractions 0/0.3/0.5/0.7 plus all-convs-frozen")
+    p.add_argument("--preset", default=None, help="model preset (default: small on CPU, sd15 on CUDA)")
+    p.add_argument("--resolution", type=int, default=None, help="image resolution in pixels")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="autocast dtype")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per scenario")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--classes", type=int, default=2, help="digit classes in the training data")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives stable ratios)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench", help="folder for <suite>.json and <suite>.md")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    cuda = torch.cuda.is_available()
+    args.preset = args.preset or ("sd15" if cuda else "small")
+    args.resolution = args.resolution or (512 if args.preset == "sd15" else 64)
+    args.steps = args.steps or (20 if args.suite == "freeze" else 12)
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    fractions = [0.5] if args.suite == "default" else [0.3, 0.5, 0.7]
+    scenarios = suite_scenarios(args.suite, fractions)
+    t0 = time.time()
+    rows = run_suite(scenarios, args)
+    cond = conditions(preset=args.preset, resolution=args.resolution, batch=args.batch,
+                      autocast=args.dtype, master_weights="fp32", optimizer="AdamW",
+                      mask="seeded random, exact budget by parameters",
+                      timed_steps=args.steps, warmup_steps=args.warmup, data=f"digits classes 0-{args.classes - 1}",
+                      wall_s=round(time.time() - t0, 1))
+    md = (f"# bench/run.py {args.suite}\n\n" + markdown_table(rows, COLUMNS) + "\n\n"
+          + conditions_markdown(cond))
+    j, m = write_results(Path(args.out), args.suite, {"suite": args.suite, "conditions": cond, "rows": rows}, md)
+    print(md)
+    print(f"\nwritten: {j} and {m}")
+    bad = [r["scenario"] for r in rows if r["verify_ok"] is False]
+    if bad:
+        print(f"FROZEN TENSORS CHANGED in {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
