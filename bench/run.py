@@ -98,6 +98,7 @@ def run_suite(scenarios: list[Scenario], args) -> list[dict[str, Any]]:
                 bar.update(1)
                 bar.set_postfix(scenario=sc.name, loss=f"{s.loss:.3f}")
         bar.close()
+        nvml = _energy_pass(scenarios, trainers, args)
         rows = []
         for sc in scenarios:
             tr, led = trainers[sc.name], ledgers[sc.name]
@@ -121,9 +122,28 @@ def run_suite(scenarios: list[Scenario], args) -> list[dict[str, Any]]:
                 "verify_ok": report.ok if report is not None else None,
                 "final_loss": tr.history[-1].loss if tr.history else None,
                 "cuda_max_allocated_mib": (led.cuda_max_allocated or 0) / MiB or None,
+                "nvml": nvml.get(sc.name),
             })
     _add_ratios(rows)
     return rows
+
+
+def _energy_pass(scenarios: list[Scenario], trainers: dict, args) -> dict[str, Any]:
+    """NVML per scenario (CUDA): device memory, utilisation, power, and energy over 20+ steps run
+    back to back (energy windows cannot interleave). Elsewhere: why NVML is unavailable."""
+    from freezeasguard.engine.profiling import MIN_WINDOW_STEPS, NvmlSampler
+
+    out: dict[str, Any] = {}
+    for sc in scenarios:
+        with NvmlSampler() as sampler:
+            if not sampler.available:
+                return {sc.name: {"available": False, "reason": sampler.reason} for sc in scenarios}
+            n = max(MIN_WINDOW_STEPS, args.steps)
+            with sampler.energy_window(steps=n):
+                for _ in range(n):
+                    trainers[sc.name].train_step()
+            out[sc.name] = sampler.summary()
+    return out
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -194,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                       wall_s=round(time.time() - t0, 1))
     md = (f"# bench/run.py {args.suite}\n\n" + markdown_table(rows, COLUMNS) + "\n\n"
           + conditions_markdown(cond))
+    nv = rows[0].get("nvml") or {}
+    md += "\n- nvml: " + ("per-scenario energy/memory in the JSON rows" if nv.get("available")
+                          else f"unavailable ({nv.get('reason')})")
     j, m = write_results(Path(args.out), args.suite, {"suite": args.suite, "conditions": cond, "rows": rows}, md)
     print(md)
     print(f"\nwritten: {j} and {m}")

@@ -1,0 +1,29 @@
+"""bench/run.py end to end on a tiny model: rows, ratios, conditions, files."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_run_writes_side_by_side_rows(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--preset", "tiny", "--resolution", "16",
+                        "--steps", "2", "--warmup", "1", "--batch", "8", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "default.json").read_text())
+    rows = {row["scenario"]: row for row in data["rows"]}
+    assert set(rows) == {"full", "naive@50%", "engine@50%"}
+    eng, naive, full = rows["engine@50%"], rows["naive@50%"], rows["full"]
+    assert eng["verify_ok"] and naive["verify_ok"]
+    # exact ledger: the engine holds no more than naive freezing, which holds less than full
+    assert eng["static_mib"] < naive["static_mib"] < full["static_mib"]
+    assert eng["activations_mib"] <= naive["activations_mib"]
+    assert 0 < eng["static_vs_full"] < 1 and "time_vs_naive" in eng
+    cond = data["conditions"]
+    for key in ("device", "torch", "preset", "resolution", "batch", "autocast", "commit"):
+        assert key in cond
+    assert cond["preset"] == "tiny"
+    md = (tmp_path / "default.md").read_text()
+    assert "| engine@50% |" in md and "Conditions:" in md and "nvml" in md
