@@ -23,7 +23,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errs: list[type[BaseException]] = [ConfigError, DatasetError, ModelError, TrainingError]
     for mod, name in (("freezeasguard.engine.mask", "MaskError"),
-                      ("freezeasguard.engine.manifest", "ManifestError")):
+                      ("freezeasguard.engine.manifest", "ManifestError"),
+                      ("freezeasguard.engine.jobs", "MergeError")):
         try:
             errs.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -169,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", required=True)
     s.add_argument("--model", required=True, help="model folder, unet/ folder or .safetensors file")
     s.set_defaults(func=cmd_verify)
+
+    from freezeasguard.engine import jobs
+
+    jobs.register_cli(sub)  # job submit, audit
     return p
 
 

@@ -83,7 +83,8 @@ class FrozenConv2dFunction(torch.autograd.Function):
             stride, padding, dilation, groups = ctx.conv_args
             # Autograd hands back grad_out in the output's dtype, i.e. the compute dtype.
             w = _cast(weight, ctx.compute_dtype)
-            grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, w, grad_out, stride, padding,
+            # Dense grad_out: CPU backends take faster (and better-trodden) paths for it.
+            grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, w, grad_out.contiguous(), stride, padding,
                                                 dilation, groups)
             grad_x = grad_x.to(ctx.input_dtype)
         return grad_x, None, None, None, None, None, None
