@@ -159,14 +159,14 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
                 r[f"{short}_vs_naive"] = r[key] / naive[key]
 
 
-def suite_scenarios(name: str, fractions: list[float], convs: bool = False) -> list[Scenario]:
+def suite_scenarios(name: str, fractions: list[float]) -> list[Scenario]:
     out = [Scenario("full", "full", 0.0)]
     for f in fractions:
         if f == 0:
             continue
         tag = f"@{int(round(f * 100))}%"
         out += [Scenario("naive" + tag, "naive", f), Scenario("engine" + tag, "engine", f)]
-    if name == "freeze" and convs:
+    if name == "freeze":
         out += [Scenario("naive@convs", "naive", -1), Scenario("engine@convs", "engine", -1),
                 Scenario("engine-noconvfn@convs", "engine", -1, frozen_conv=False)]
     return out
@@ -194,9 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=2, help="digit classes in the training data")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives stable ratios)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--convs", action="store_true",
-                   help="freeze suite: add an every-conv-frozen mask (stock CPU autograd of torch 2.13 "
-                        "segfaulted in that naive backward on the small preset; fine on tiny)")
     p.add_argument("--out", default="runs/bench", help="folder for <suite>.json and <suite>.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -207,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:
         torch.set_num_threads(args.threads)
     fractions = [0.5] if args.suite == "default" else [0.3, 0.5, 0.7]
-    scenarios = suite_scenarios(args.suite, fractions, convs=args.convs)
+    scenarios = suite_scenarios(args.suite, fractions)
     t0 = time.time()
     rows = run_suite(scenarios, args)
     cond = conditions(preset=args.preset, resolution=args.resolution, batch=args.batch,

@@ -44,8 +44,10 @@ def encode_images(c: Components, images: torch.Tensor, device: torch.device | st
     s = c.vae_scaling()
     for i in rng:
         dist = c.vae.encode(x[i:i + batch_size].to(device)).latent_dist
-        means.append((dist.mean * s).float().cpu())
-        stds.append((dist.std * s).float().cpu())
+        # contiguous: the VAE hands back channels-last tensors on CPU, and torch 2.13's CPU conv
+        # backward segfaults on channels-last inputs when the conv weight needs no gradient.
+        means.append((dist.mean * s).float().contiguous().cpu())
+        stds.append((dist.std * s).float().contiguous().cpu())
     return torch.cat(means), torch.cat(stds)
 
 

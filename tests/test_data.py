@@ -98,3 +98,14 @@ def test_cached_and_live_encodings_agree(space):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ca, cb)
     assert len(cached.captions) == 1  # one distinct caption encoded once
+
+
+def test_cached_latents_are_contiguous():
+    # torch 2.13's CPU conv backward crashed on channels-last inputs to frozen convs; the VAE
+    # returns channels-last tensors on CPU, so the cache must hold contiguous ones.
+    from freezeasguard.engine.encode import encode_dataset
+    from freezeasguard.engine.models import build_components
+
+    c = build_components("tiny", space="latent", resolution=16)
+    enc = encode_dataset(c, D.digits_dataset(16, classes=[2]))
+    assert enc.mean.is_contiguous() and enc.std.is_contiguous()
