@@ -146,6 +146,55 @@ def _energy_pass(scenarios: list[Scenario], trainers: dict, args) -> dict[str, A
     return out
 
 
+def run_optimizer_suite(args) -> list[dict[str, Any]]:
+    """One AdamW step by provider at trainable fractions 0.3/0.5/1.0 of an SD1.5-shaped buffer
+    (total size ``args.optim_numel``), providers interleaved round by round."""
+    import statistics
+
+    from adamw_cases import FRACTIONS, PROVIDERS, layout, make_step, skip_reason, sync
+
+    rows = []
+    for frac in FRACTIONS:
+        tensors = layout(args.optim_numel, frac)
+        n = sum(s for s, _ in tensors)
+        cases = {}
+        for prov in PROVIDERS:
+            why = skip_reason(prov)
+            if why is None:
+                cases[prov] = make_step(prov, tensors)
+            else:
+                rows.append({"provider": prov, "trainable": frac, "skipped": why})
+        times: dict[str, list[float]] = {p: [] for p in cases}
+        for r in range(args.warmup + args.steps):
+            for prov, (step, _, _) in cases.items():
+                t0 = time.perf_counter()
+                step()
+                sync()
+                if r >= args.warmup:
+                    times[prov].append(time.perf_counter() - t0)
+        for prov, (_, bpe, launches) in cases.items():
+            med = statistics.median(times[prov])
+            rows.append({"provider": prov, "trainable": frac, "elements": n, "tensors": len(tensors),
+                         "step_ms": med * 1e3, "gb_per_s": n * bpe / med / 1e9, "bytes_per_elem": bpe,
+                         "launches": launches})
+    for r in rows:
+        base = next((x for x in rows if x["provider"] == "torch_fused" and x["trainable"] == r["trainable"]
+                     and "step_ms" in x), None)
+        if base and "step_ms" in r:
+            r["time_vs_torch_fused"] = r["step_ms"] / base["step_ms"]
+    full = {r["provider"]: r for r in rows if r["trainable"] == 1.0 and "step_ms" in r}
+    for r in rows:
+        if "step_ms" in r and r["provider"] in full:
+            r["time_vs_all_trainable"] = r["step_ms"] / full[r["provider"]]["step_ms"]
+    return rows
+
+
+OPT_COLUMNS = [("provider", "provider"), ("trainable", "trainable"), ("elements", "elements"),
+               ("tensors", "tensors"), ("step_ms", "step ms (p50)"), ("gb_per_s", "GB/s"),
+               ("launches", "launches"), ("time_vs_torch_fused", "time/torch fused"),
+               ("time_vs_all_trainable", "time/all trainable"), ("skipped", "skipped")]
+
+
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     """Ratios to the full and naive rows at the same frozen fraction (full: the 0% row)."""
     full = next((r for r in rows if r["mode"] == "full"), None)
@@ -181,9 +230,10 @@ COLUMNS = [("scenario", "scenario"), ("frozen_params", "frozen params"), ("froze
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", nargs="?", default="default", choices=["default", "freeze"],
+    p.add_argument("suite", nargs="?", default="default", choices=["default", "freeze", "optimizer"],
                    help="default: the ~1 min main job (full/naive/engine at 50%% frozen); "
-                        "freeze: fractions 0/0.3/0.5/0.7 plus all-convs-frozen")
+                        "freeze: fractions 0/0.3/0.5/0.7 plus all-convs-frozen; "
+                        "optimizer: one AdamW step by implementation at trainable 0.3/0.5/1.0")
     p.add_argument("--preset", default=None, help="model preset (default: small on CPU, sd15 on CUDA)")
     p.add_argument("--resolution", type=int, default=None, help="image resolution in pixels")
     p.add_argument("--batch", type=int, default=4)
@@ -194,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=2, help="digit classes in the training data")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives stable ratios)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optim-numel", type=int, default=None,
+                   help="optimizer suite: total elements (default: SD1.5's 859,520,964 on CUDA, 4M on CPU)")
     p.add_argument("--out", default="runs/bench", help="folder for <suite>.json and <suite>.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -203,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (20 if args.suite == "freeze" else 12)
     if not cuda:
         torch.set_num_threads(args.threads)
+    if args.suite == "optimizer":
+        return optimizer_main(args)
     fractions = [0.5] if args.suite == "default" else [0.3, 0.5, 0.7]
     scenarios = suite_scenarios(args.suite, fractions)
     t0 = time.time()
@@ -224,6 +278,20 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"FROZEN TENSORS CHANGED in {bad}", file=sys.stderr)
         return 1
+    return 0
+
+
+def optimizer_main(args) -> int:
+    args.optim_numel = args.optim_numel or (859_520_964 if torch.cuda.is_available() else 4_000_000)
+    t0 = time.time()
+    rows = run_optimizer_suite(args)
+    cond = conditions(total_elements=args.optim_numel, layout="SD1.5's 686 tensor sizes scaled to the total, "
+                      "seeded random trainable subset, decay tensors first", dtype="fp32 params/grads/states",
+                      timed_steps=args.steps, warmup_steps=args.warmup, wall_s=round(time.time() - t0, 1))
+    md = "# bench/run.py optimizer\n\n" + markdown_table(rows, OPT_COLUMNS) + "\n\n" + conditions_markdown(cond)
+    j, m = write_results(Path(args.out), "optimizer", {"suite": "optimizer", "conditions": cond, "rows": rows}, md)
+    print(md)
+    print(f"\nwritten: {j} and {m}")
     return 0
 
 

@@ -27,3 +27,15 @@ def test_bench_run_writes_side_by_side_rows(tmp_path):
     assert cond["preset"] == "tiny"
     md = (tmp_path / "default.md").read_text()
     assert "| engine@50% |" in md and "Conditions:" in md and "nvml" in md
+
+
+def test_bench_optimizer_suite(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "optimizer", "--optim-numel", "20000",
+                        "--steps", "2", "--warmup", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "optimizer.json").read_text())["rows"]
+    timed = {(x["provider"], x["trainable"]) for x in rows if "step_ms" in x}
+    assert {("flat_engine", 0.5), ("torch_fused", 0.5), ("torch_foreach", 1.0)} <= timed
+    flat = next(x for x in rows if x["provider"] == "flat_engine" and x["trainable"] == 0.3)
+    assert 0.25 < flat["elements"] / 20000 < 0.35 and flat["gb_per_s"] > 0

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from freezeasguard.engine.freeze import FlatAdamW
-from freezeasguard.engine.ledger import count_saved_activations, memory_ledger
+from freezeasguard.engine.ledger import count_saved_activations
 from freezeasguard.engine.manifest import Manifest
 from freezeasguard.engine.mask import FreezeMask
 from freezeasguard.engine.models import build_components
