@@ -151,3 +151,28 @@ def test_full_mode_ledger_is_16_bytes_per_param(tmp_path):
     n_t = len(list(tr.c.unet.parameters()))
     assert led.weight_bytes == 4 * n and led.grad_bytes == 4 * n
     assert led.optimizer_state_bytes == 8 * n + 4 * n_t  # m, v per param + torch's step per tensor
+
+
+def test_adamw8bit_states_for_trainable_tensors_only(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from freezeasguard.engine.backends import bitsandbytes_backend
+
+    if not bitsandbytes_backend().available:
+        pytest.skip(bitsandbytes_backend().reason)
+    ds = tiny_digits()
+    base = build_components("tiny", seed=0)
+    mask, path = _manifest(tmp_path, base.unet)
+    tr = Trainer(tiny_config(tmp_path / "j", "train.steps=2", "freeze.mode=engine", f"freeze.manifest={path}",
+                             "train.optimizer=adamw8bit"), components=base, dataset=ds)
+    assert type(tr.optimizer).__name__ == "AdamW8bit"
+    opt_params = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    named = dict(tr.c.unet.named_parameters())
+    assert all(id(named[n]) not in opt_params for n in mask.frozen)
+    tr.measure_memory = True
+    tr.train_step()
+    hist = tr.fit(3)
+    assert all(torch.isfinite(torch.tensor(s.loss)) for s in hist)
+    n_train = mask.stats().trainable_params
+    # 8-bit moments for big tensors (+ per-block scales), fp32 below bitsandbytes' 4,096-element floor
+    assert tr.last_ledger.optimizer_state_bytes < 8 * n_train * 0.5
+    assert tr.verify_frozen().ok
