@@ -24,7 +24,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errs: list[type[BaseException]] = [ConfigError, DatasetError, ModelError, TrainingError]
     for mod, name in (("freezeasguard.engine.mask", "MaskError"),
                       ("freezeasguard.engine.manifest", "ManifestError"),
-                      ("freezeasguard.engine.jobs", "MergeError")):
+                      ("freezeasguard.engine.jobs", "MergeError"),
+                      ("freezeasguard.engine.signing", "SignatureError")):
         try:
             errs.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -136,6 +137,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok and not problems else 1
 
 
+# keys and signatures ---------------------------------------------------------------------------
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from freezeasguard.engine import signing
+
+    if Path(args.out).exists():
+        print(f"freezeasguard keygen: error: {args.out} exists; refusing to overwrite a key", file=sys.stderr)
+        return 2
+    key = signing.new_hmac_key() if args.algorithm == signing.HMAC_SHA256 else signing.new_ed25519_key()
+    signing.save_key(key, args.out, public_path=args.public)
+    print(f"{args.algorithm} key {key.key_id} written to {args.out}" + (f" (public half: {args.public})" if args.public else ""))
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from freezeasguard.engine.manifest import Manifest
+    from freezeasguard.engine.signing import load_key, sign_manifest
+
+    signed = sign_manifest(Manifest.load(args.manifest), load_key(args.key))
+    out = args.out or args.manifest
+    signed.save(out)
+    print(f"signed manifest {signed.digest()[:16]}... with {signed.signature['alg']} key "
+          f"{signed.signature['key_id']}: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="freezeasguard",
                                 description="Guarded fine-tuning of text-to-image diffusion models.")
@@ -170,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", required=True)
     s.add_argument("--model", required=True, help="model folder, unet/ folder or .safetensors file")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("keygen", help="make a publisher key for signing manifests")
+    s.add_argument("--out", required=True, help="key file to write (0600)")
+    s.add_argument("--algorithm", choices=["hmac-sha256", "ed25519"], default="ed25519")
+    s.add_argument("--public", help="ed25519: also write the public half here (what the service verifies with)")
+    s.set_defaults(func=cmd_keygen)
+
+    s = sub.add_parser("sign", help="sign a freeze manifest with a publisher key")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--key", required=True)
+    s.add_argument("--out", help="signed manifest (default: in place, atomically)")
+    s.set_defaults(func=cmd_sign)
 
     from freezeasguard.engine import jobs
 

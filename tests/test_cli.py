@@ -32,3 +32,26 @@ def test_config_typo_is_a_clear_error(tmp_path):
 def test_bad_data_folder_is_a_clear_error(tmp_path):
     r = run("finetune", "--preset", "tiny", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_keygen_and_sign_a_manifest(tmp_path):
+    from freezeasguard.engine.manifest import Manifest
+    from freezeasguard.engine.mask import FreezeMask
+    from freezeasguard.engine.models import build_components
+    from freezeasguard.engine.signing import SignatureError, load_key, verify_manifest
+
+    c = build_components("tiny", seed=0)
+    Manifest.build(c.unet, FreezeMask.random(c.unet, 0.3)).save(tmp_path / "m.json")
+    r = run("keygen", "--out", str(tmp_path / "k.key"), "--public", str(tmp_path / "k.pem"))
+    assert r.returncode == 0, r.stderr
+    assert run("keygen", "--out", str(tmp_path / "k.key")).returncode == 2  # never overwrites a key
+    r = run("sign", "--manifest", str(tmp_path / "m.json"), "--key", str(tmp_path / "k.key"),
+            "--out", str(tmp_path / "signed.json"))
+    assert r.returncode == 0, r.stderr
+    signed = Manifest.load(tmp_path / "signed.json")
+    verify_manifest(signed, load_key(tmp_path / "k.pem"))  # the service needs only the public half
+    signed.counts["frozen_tensors"] = 0  # edited after signing
+    import pytest
+
+    with pytest.raises(SignatureError):
+        verify_manifest(signed, load_key(tmp_path / "k.pem"))
