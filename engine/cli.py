@@ -25,7 +25,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for mod, name in (("freezeasguard.engine.mask", "MaskError"),
                       ("freezeasguard.engine.manifest", "ManifestError"),
                       ("freezeasguard.engine.jobs", "MergeError"),
-                      ("freezeasguard.engine.signing", "SignatureError")):
+                      ("freezeasguard.engine.signing", "SignatureError"),
+                      ("freezeasguard.engine.mask_config", "MaskLearnError")):
         try:
             errs.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -209,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="signed manifest (default: in place, atomically)")
     s.set_defaults(func=cmd_sign)
 
-    from freezeasguard.engine import jobs
+    from freezeasguard.engine import jobs, masklearn
 
+    masklearn.register_cli(sub)  # learn-mask, mask-report
     jobs.register_cli(sub)  # job submit, audit
     return p
 
