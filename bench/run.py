@@ -2,6 +2,9 @@
 
     python bench/run.py              # the main job: ~1 min on a 2-core CPU (the GPU when present)
     python bench/run.py freeze       # full vs naive vs engine at frozen fractions 0/0.3/0.5/0.7
+    python bench/run.py optimizer    # one AdamW step by implementation
+    python bench/run.py masklearn    # a mask-learning step vs a plain fine-tuning step
+    python bench/run.py guard        # efficacy: does the learned mask hold back illegal fine-tuning?
     python bench/run.py --help
 
 Every suite trains the same model on the same data, mask, batch and seed in each mode and
@@ -195,6 +198,44 @@ OPT_COLUMNS = [("provider", "provider"), ("trainable", "trainable"), ("elements"
                ("time_vs_all_trainable", "time/all trainable"), ("skipped", "skipped")]
 
 
+def masklearn_main(args) -> int:
+    """One mask-learning step (simulated-user step, mask step, and their 1:(every-1) cycle) vs one
+    plain fine-tuning step of the same model and batch (issue goal: <= ~1.3x)."""
+    from freezeasguard.engine.config import resolve as resolve_cfg
+    from freezeasguard.engine.mask_config import MaskLearnConfig
+    from freezeasguard.engine.mask_pipeline import build_learner, mask_step_cost
+
+    dataset = digits_dataset(args.resolution, classes=list(range(max(args.classes, 3))))
+    words = dataset.domain_names()
+    comps = build_components(args.preset, resolution=args.resolution, extra_words=caption_words(dataset.captions),
+                             seed=args.seed)
+    cfg = resolve_cfg(MaskLearnConfig, presets={}, overrides=[
+        f"illegal=[{words[0]}]", f"innocent=[{words[1]},{words[2]}]", "bootstrap_steps=0", "progress=false",
+        f"user.batch_size={args.batch}", f"mixed_precision={args.dtype}", "work_dir=null",
+        f"num_threads={args.threads if not torch.cuda.is_available() else 0}", f"seed={args.seed}"])
+    learner = build_learner(cfg, components=comps, dataset=dataset)
+    t0 = time.time()
+    cost = mask_step_cost(learner, repeats=args.steps, warmup=args.warmup)
+    rows = [{"step": "plain fine-tuning (torch AdamW)", "ms": cost["plain_s"] * 1e3, "ratio": 1.0,
+             "update_ms": cost["plain_update_s"] * 1e3},
+            {"step": "simulated-user step", "ms": cost["user_s"] * 1e3, "ratio": cost["ratio_user"],
+             "update_ms": cost["user_update_s"] * 1e3},
+            {"step": "mask step", "ms": cost["mask_s"] * 1e3, "ratio": cost["ratio_mask"],
+             "update_ms": cost["mask_update_s"] * 1e3},
+            {"step": f"average of a {cfg.mask.every}-step cycle", "ms": cost["cycle_s"] * 1e3,
+             "ratio": cost["ratio_cycle"]}]
+    cond = conditions(preset=args.preset, resolution=args.resolution, batch=args.batch, autocast=args.dtype,
+                      tensors=cost["tensors"], params=cost["params"], repeats=cost["repeats"],
+                      mask_every=cfg.mask.every, wall_s=round(time.time() - t0, 1))
+    cols = [("step", "step"), ("ms", "ms (p50)"), ("ratio", "x plain step"), ("update_ms", "of which update ms")]
+    md = "# bench/run.py masklearn\n\n" + markdown_table(rows, cols) + "\n\n" + conditions_markdown(cond)
+    j, m = write_results(Path(args.out), "masklearn", {"suite": "masklearn", "conditions": cond, "rows": rows,
+                                                       "raw": cost}, md)
+    print(md)
+    print(f"\nwritten: {j} and {m}")
+    return 0
+
+
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     """Ratios to the full and naive rows at the same frozen fraction (full: the 0% row)."""
     full = next((r for r in rows if r["mode"] == "full"), None)
@@ -229,11 +270,17 @@ COLUMNS = [("scenario", "scenario"), ("frozen_params", "frozen params"), ("froze
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "guard":  # the efficacy benchmark has its own options
+        from guard import main as guard_main
+
+        return guard_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", nargs="?", default="default", choices=["default", "freeze", "optimizer"],
+    p.add_argument("suite", nargs="?", default="default", choices=["default", "freeze", "optimizer", "masklearn"],
                    help="default: the ~1 min main job (full/naive/engine at 50%% frozen); "
                         "freeze: fractions 0/0.3/0.5/0.7 plus all-convs-frozen; "
-                        "optimizer: one AdamW step by implementation at trainable 0.3/0.5/1.0")
+                        "optimizer: one AdamW step by implementation at trainable 0.3/0.5/1.0; "
+                        "masklearn: a mask-learning step vs a plain fine-tuning step")
     p.add_argument("--preset", default=None, help="model preset (default: small on CPU, sd15 on CUDA)")
     p.add_argument("--resolution", type=int, default=None, help="image resolution in pixels")
     p.add_argument("--batch", type=int, default=4)
@@ -257,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.suite == "optimizer":
         return optimizer_main(args)
+    if args.suite == "masklearn":
+        return masklearn_main(args)
     fractions = [0.5] if args.suite == "default" else [0.3, 0.5, 0.7]
     scenarios = suite_scenarios(args.suite, fractions)
     t0 = time.time()

@@ -39,3 +39,14 @@ def test_bench_optimizer_suite(tmp_path):
     assert {("flat_engine", 0.5), ("torch_fused", 0.5), ("torch_foreach", 1.0)} <= timed
     flat = next(x for x in rows if x["provider"] == "flat_engine" and x["trainable"] == 0.3)
     assert 0.25 < flat["elements"] / 20000 < 0.35 and flat["gb_per_s"] > 0
+
+
+def test_bench_masklearn_suite(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "masklearn", "--preset", "tiny",
+                        "--resolution", "16", "--batch", "8", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "masklearn.json").read_text())
+    assert [row["step"].split()[0] for row in data["rows"]] == ["plain", "simulated-user", "mask", "average"]
+    assert all(row["ms"] > 0 for row in data["rows"])
+    assert data["raw"]["tensors"] == 208
