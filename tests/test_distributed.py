@@ -10,7 +10,7 @@ from helpers import tiny_config, tiny_digits
 pytestmark = pytest.mark.distributed
 
 
-def _worker(rank, world, port, out_dir, result_path):
+def _worker(rank, world, port, out_dir, result_path, extra=()):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import torch.distributed as dist
@@ -19,7 +19,7 @@ def _worker(rank, world, port, out_dir, result_path):
 
     from helpers import record_grads
 
-    tr = Trainer(tiny_config(out_dir, "train.steps=3"), dataset=tiny_digits())
+    tr = Trainer(tiny_config(out_dir, "train.steps=3", *extra), dataset=tiny_digits())
     grads = record_grads(tr)
     tr.fit()
     if rank == 0:
@@ -27,18 +27,19 @@ def _worker(rank, world, port, out_dir, result_path):
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("freeze.mode=engine", "freeze.ratio=0.5")], ids=["full", "engine"])
+def test_ddp_two_processes_equal_one(tmp_path, extra):
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, str(tmp_path / "ddp"), str(tmp_path / "ddp.pt"), extra), nprocs=2, join=True)
     from freezeasguard.engine.train import Trainer
 
     from helpers import record_grads
 
-    single = Trainer(tiny_config(tmp_path / "one", "train.steps=3"), dataset=tiny_digits())
+    single = Trainer(tiny_config(tmp_path / "one", "train.steps=3", *extra), dataset=tiny_digits())
     grads = record_grads(single)
     single.fit()
     ddp = torch.load(tmp_path / "ddp.pt")
