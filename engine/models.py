@@ -279,11 +279,13 @@ def build_components(preset: str, *, space: str | None = None, resolution: int |
     return Components(unet, text_encoder, tokenizer, vae, schedule, resolution, source=preset)
 
 
-def save_components(c: Components, path: str | os.PathLike, *, unet_state: dict | None = None) -> Path:
+def save_components(c: Components, path: str | os.PathLike, *, unet_state: dict | None = None,
+                    extra_json: dict[str, Any] | None = None) -> Path:
     """Write a Stable-Diffusion-layout folder atomically (the whole folder appears at once).
 
     ``unet_state`` overrides the UNet's tensors written (e.g. the original fp32 values of frozen
-    tensors that were held in low precision during training).
+    tensors that were held in low precision during training); ``extra_json`` maps file names to
+    objects written as JSON inside the folder (e.g. the freeze proof).
     """
     path = Path(path)
     with atomic_dir(path) as tmp:
@@ -308,6 +310,8 @@ def save_components(c: Components, path: str | os.PathLike, *, unet_state: dict 
             "vae": ["diffusers", "AutoencoderKL"] if c.vae is not None else [None, None],
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2))
     return path
 
 

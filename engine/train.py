@@ -438,10 +438,9 @@ class Trainer:
             raise TrainingError(f"refusing to write {path}: {report.summary()}: "
                                 + "; ".join(report.details[n] for n in report.failures[:10]))
         if self.dist.is_main:
-            save_components(self.c, path, unet_state=self.unet_state_for_export())
-            if report is not None:
-                atomic_write_json(path / "verify.json", {"ok": report.ok, "summary": report.summary(),
-                                                         "manifest_digest": self.guard.manifest.digest()})
+            proof = {} if report is None else {"verify.json": {
+                "ok": report.ok, "summary": report.summary(), "manifest_digest": self.guard.manifest.digest()}}
+            save_components(self.c, path, unet_state=self.unet_state_for_export(), extra_json=proof)
         return path
 
 
