@@ -152,7 +152,13 @@ def segment_dots(a: torch.Tensor, b: torch.Tensor, rows_per_tensor: torch.Tensor
     """
     rows = a.numel() // chunk
     row_dots = torch.bmm(a.view(rows, 1, chunk), b.view(rows, chunk, 1)).view(rows)
-    return torch.segment_reduce(row_dots.double(), "sum", lengths=rows_per_tensor)
+    return segment_sum_rows(row_dots, rows_per_tensor)
+
+
+def segment_sum_rows(row_sums: torch.Tensor, rows_per_tensor: torch.Tensor) -> torch.Tensor:
+    """Per-tensor totals of per-row partial sums ([rows] -> fp64 [n_tensors]), in a fixed order
+    (no atomics): shared by the reference and the fused kernel (``kernels.mask_update``)."""
+    return torch.segment_reduce(row_sums.double(), "sum", lengths=rows_per_tensor)
 
 
 @torch.no_grad()

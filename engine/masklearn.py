@@ -35,9 +35,10 @@ from freezeasguard.engine import __version__
 from freezeasguard.engine.io import atomic_dir, atomic_write_text
 from freezeasguard.engine.mask import FreezeMask
 from freezeasguard.engine.mask_config import MaskLearnConfig, MaskLearnError, MaskOptConfig, UserConfig
-from freezeasguard.engine.mask_flat import FlatLayout, apply_mask_ref_, bilevel_step_ref_
+from freezeasguard.engine.mask_flat import FlatLayout, apply_mask_ref_
 from freezeasguard.engine.train import DistInfo, GlobalBatches, init_distributed, step_generator
 from freezeasguard.kernels.adamw import clip_coef
+from freezeasguard.kernels.mask_update import bilevel_step_
 
 __all__ = ["MaskLearnConfig", "MaskLearnError", "MaskLearner", "MaskOptConfig", "Task", "UserConfig", "register_cli"]
 
@@ -80,7 +81,13 @@ class MaskLearner:
         cfg: the validated config.
         theta_ft: fine-tuned weights by name (default: theta_pre, i.e. ``theta_d = 0``).
         dist: process group info (default: from the torchrun environment).
+
+    Attributes:
+        step_backend: implementation of the per-step dots/update (``mask_update.bilevel_step_``):
+            'auto' runs the fused Triton kernel on CUDA and the torch reference elsewhere.
     """
+
+    step_backend: str = "auto"
 
     def __init__(self, model: nn.Module, task: Task, domains: Sequence[str | None], cfg: MaskLearnConfig,
                  *, theta_ft: Mapping[str, torch.Tensor] | None = None, dist: DistInfo | None = None):
@@ -239,9 +246,9 @@ class MaskLearner:
     def reduced_dots(self) -> torch.Tensor:
         """Per-tensor ``<theta_d_i, grad_i>`` (fp64, flat order) of the gradient just computed,
         summed over processes (the dots are linear in the gradient: no full all-reduce needed)."""
-        dots = bilevel_step_ref_(self.theta, self.theta_pre, self.theta_d, self.grad, self.exp_avg,
-                                 self.exp_avg_sq, self.keep, self.rows_per_tensor, chunk=self.layout.chunk,
-                                 update=False, **self._adamw_kwargs())
+        dots = bilevel_step_(self.theta, self.theta_pre, self.theta_d, self.grad, self.exp_avg,
+                             self.exp_avg_sq, self.keep, self.rows_per_tensor, chunk=self.layout.chunk,
+                             update=False, backend=self.step_backend, **self._adamw_kwargs())
         return self._all_reduce(dots)
 
     def mask_gradient(self, step: int) -> torch.Tensor:
@@ -273,9 +280,10 @@ class MaskLearner:
         u = self.cfg.user
         scale = clip_coef(self.grad, u.max_grad_norm) if u.max_grad_norm is not None else None
         self.user_steps += 1
-        bilevel_step_ref_(self.theta, self.theta_pre, self.theta_d, self.grad, self.exp_avg,
-                          self.exp_avg_sq, self.keep, self.rows_per_tensor, chunk=self.layout.chunk,
-                          grad_scale=scale, dots=False, scratch=self.scratch, **self._adamw_kwargs())
+        bilevel_step_(self.theta, self.theta_pre, self.theta_d, self.grad, self.exp_avg,
+                      self.exp_avg_sq, self.keep, self.rows_per_tensor, chunk=self.layout.chunk,
+                      grad_scale=scale, dots=False, scratch=self.scratch, backend=self.step_backend,
+                      **self._adamw_kwargs())
 
     def _adamw_kwargs(self) -> dict[str, Any]:
         u = self.cfg.user

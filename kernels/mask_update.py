@@ -1,0 +1,391 @@
+"""One fused pass of mask learning over the chunked flat fp32 buffers (``engine.mask_flat``).
+
+What is fused, per element, in ONE Triton launch: the per-row partial dot products
+``<theta_d, g>`` (raw gradient, values before the update), the clip scaling of the gradient,
+the simulated user's AdamW step on ``theta_ft = theta_pre - theta_d`` (moments, bias
+correction, decoupled weight decay on the prefix ``[0, decay_end)``) and the bookkeeping
+``theta_d -= u; theta += keep * u`` with the per-row keep factor ``1 - m``. The per-row partials
+(fp32, one per ``chunk`` elements) are then summed per tensor in fp64 by the same
+``segment_sum_rows`` the reference uses: fixed order, no atomics, bit-reproducible run to run.
+
+The math is ``bilevel_step_ref_``'s (its docstring is the specification), op for op:
+
+    dot_row   = sum_row(theta_d * g)                       (before anything is written)
+    g         = g * grad_scale                             (stored back, as the reference does)
+    m         = lerp(m, g, 1 - b1)                         (torch's two-sided lerp formula)
+    v         = b2 * v + (1 - b2) * g * g
+    u         = m / (sqrt(v) / sqrt(bc2) + eps) * (-lr / bc1)
+    u         = u + lr*wd * theta_d - lr*wd * theta_pre    (i < decay_end only)
+    theta_d   = theta_d - u
+    theta     = theta + keep_row * u
+
+Host scalars are formed in double and rounded once to fp32, as torch does with Python scalars;
+division and square root are the correctly rounded forms (``div_rn``, ``sqrt_rn``). Against the
+reference the buffers agree to a few fp32 ulp, not bit for bit: torch's CPU sqrt is not
+correctly rounded on AVX-512 builds (off by 1 ulp in ~17% of elements, measured), torch's
+vectorised lerp/addcmul and the compiled kernel may contract a multiply-add into an FMA, and
+torch on CUDA divides by a host scalar through its reciprocal. The row dots differ in summation
+order within a row; both sides are within ``chunk * 2**-24 * sum|theta_d * g|`` of the exact dot.
+
+HBM bytes per element (fp32; the keep factor and the row dot add 4 B per ``chunk`` elements):
+
+    mode              | read                     | write                 | bytes / element
+    dots only         | theta_d, g               | -                     |  8
+    update (+ dots)   | g, theta_d, theta, m, v  | theta_d, theta, m, v  | 36
+      decay prefix    | + theta_pre              |                       | +4 on [0, decay_end)
+      grad_scale      |                          | + g (scaled in place) | +4
+
+The dots ride free with the update: theta_d and g are read by it anyway. ``bytes_moved``
+computes the total. The eager reference makes about a dozen passes over the buffers.
+
+Layout contract (``FlatLayout``): every buffer is ``rows * chunk`` long and each row of the
+``[rows, chunk]`` view lies in one tensor, so one program handles whole rows and a row's dot
+never straddles two programs.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from freezeasguard.engine.backends import triton_backend
+from freezeasguard.engine.mask_flat import bilevel_step_ref_, segment_sum_rows
+
+__all__ = [
+    "MaskUpdateInputError",
+    "LaunchConfig",
+    "bilevel_step_",
+    "bilevel_step_ref_",
+    "bytes_moved",
+    "launch_config",
+    "resolve_backend",
+]
+
+Backend = Literal["auto", "triton", "torch"]
+
+_CUDA_TILE = 1024  # elements per program and tile on CUDA: 8 fp32 per thread at 4 warps
+_CUDA_WARPS = 4
+_INTERP_TILE = 1 << 16  # the interpreter pays per program, not per element: few, big blocks
+_INT32_LIMIT = 2**31
+
+
+class MaskUpdateInputError(ValueError):
+    """The buffers or hyperparameters handed to the bilevel step are inconsistent."""
+
+
+def _triton_importable() -> bool:
+    """Triton imports (it may still be unable to run here: no CUDA and no interpreter)."""
+    tb = triton_backend()
+    return tb.available or tb.version is not None
+
+
+if _triton_importable():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _bilevel_kernel(
+        theta_ptr,
+        pre_ptr,
+        d_ptr,
+        g_ptr,
+        m_ptr,
+        v_ptr,
+        keep_ptr,  # [rows] fp32, 1 - m of the row's tensor
+        scale_ptr,  # 1-element fp32 clip coefficient (read only when HAS_SCALE)
+        rowdot_ptr,  # [rows] fp32 out (written only when DOTS)
+        rows,
+        decay_end,
+        w1,  # 1 - b1 (lerp weight)
+        beta2,
+        one_minus_beta2,
+        bc2_sqrt,  # sqrt(1 - b2 ** step)
+        neg_step_size,  # -lr / (1 - b1 ** step)
+        eps,
+        lr_wd,  # lr * weight_decay
+        CHUNK: tl.constexpr,
+        TILE: tl.constexpr,  # power of two; a row is covered by ceil(CHUNK / TILE) tiles
+        ROWS: tl.constexpr,  # rows per program, power of two
+        UPDATE: tl.constexpr,
+        DOTS: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        HAS_DECAY: tl.constexpr,
+        LERP_FROM_END: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        r = pid * ROWS + tl.arange(0, ROWS)  # rows < 2**31 always (each row is >= 1 element)
+        row_ok = r < rows
+        if INT64:  # r * CHUNK overflows int32 once the buffer reaches 2**31 elements
+            base = r.to(tl.int64) * CHUNK
+        else:
+            base = r * CHUNK
+        if UPDATE:
+            keep = tl.load(keep_ptr + r, mask=row_ok, other=0.0)[:, None]
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr)
+        acc = tl.zeros([ROWS, TILE], dtype=tl.float32)
+        for c0 in range(0, CHUNK, TILE):
+            cols = c0 + tl.arange(0, TILE)
+            offs = base[:, None] + cols[None, :]  # contiguous along the tile: coalesced, vectorised
+            msk = row_ok[:, None] & (cols[None, :] < CHUNK)
+            d = tl.load(d_ptr + offs, mask=msk, other=0.0)
+            g = tl.load(g_ptr + offs, mask=msk, other=0.0)
+            if DOTS:
+                acc += d * g  # raw gradient and theta_d as they were when g was evaluated
+            if UPDATE:
+                m = tl.load(m_ptr + offs, mask=msk, other=0.0)
+                v = tl.load(v_ptr + offs, mask=msk, other=0.0)
+                th = tl.load(theta_ptr + offs, mask=msk, other=0.0)
+                if HAS_SCALE:
+                    g = g * scale
+                    tl.store(g_ptr + offs, g, mask=msk)
+                # torch's lerp picks the formula by |weight| < 0.5 for accuracy; mirror it.
+                if LERP_FROM_END:
+                    m = g - (g - m) * (1.0 - w1)
+                else:
+                    m = m + w1 * (g - m)
+                v = v * beta2 + one_minus_beta2 * g * g
+                denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+                u = tl.div_rn(m, denom) * neg_step_size
+                if HAS_DECAY:
+                    # -lr*wd*theta_ft with theta_ft = theta_pre - theta_d; theta_pre is loaded on
+                    # the decay prefix only (masked lanes move no bytes).
+                    dec = msk & (offs < decay_end)
+                    pre = tl.load(pre_ptr + offs, mask=dec, other=0.0)
+                    u = tl.where(dec, (u + lr_wd * d) - lr_wd * pre, u)
+                tl.store(d_ptr + offs, d - u, mask=msk)
+                tl.store(theta_ptr + offs, th + u * keep, mask=msk)
+                tl.store(m_ptr + offs, m, mask=msk)
+                tl.store(v_ptr + offs, v, mask=msk)
+        if DOTS:
+            tl.store(rowdot_ptr + r, tl.sum(acc, axis=1), mask=row_ok)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Launch shape of one bilevel step: programs cover ``rows_per_program`` whole rows, each
+    row in ``ceil(chunk / tile)`` tiles of ``tile`` columns."""
+
+    rows_per_program: int
+    tile: int
+    num_warps: int
+    int64: bool
+
+    def grid(self, rows: int) -> tuple[int]:
+        return (math.ceil(rows / self.rows_per_program),)
+
+
+def launch_config(chunk: int, rows: int, device: torch.device) -> LaunchConfig:
+    """Deterministic launch shape (no autotuning) for ``rows`` rows of ``chunk`` elements.
+
+    A program holds about ``_CUDA_TILE`` elements on CUDA (as many whole rows as fit, at least
+    one; longer rows loop over tiles) and up to 2**16 under the interpreter, whose cost is per
+    program. The summation order inside a row follows the launch shape (tile, and on CUDA the
+    thread layout it gets), which is a pure function of the arguments: the same buffers on the
+    same device give the same row dots, bit for bit.
+    """
+    cap = _CUDA_TILE if device.type == "cuda" and not _interpreting() else _INTERP_TILE
+    warps = _CUDA_WARPS if cap == _CUDA_TILE else 1
+    tile = min(_next_pow2(chunk), cap)
+    rows_per_program = max(1, min(cap // tile, _next_pow2(rows)))
+    # The largest offset touched is (rows_rounded_up - 1) * chunk + tiles * tile - 1.
+    programs = math.ceil(rows / rows_per_program)
+    span = programs * rows_per_program * chunk + math.ceil(chunk / tile) * tile
+    return LaunchConfig(rows_per_program, tile, warps, span >= _INT32_LIMIT)
+
+
+def bytes_moved(n: int, chunk: int, decay_end: int, *, update: bool = True, dots: bool = True,
+                scaled: bool = False) -> int:
+    """HBM bytes the fused kernel moves for one step over an ``n``-element buffer.
+
+    Args:
+        n: buffer length (a multiple of ``chunk``).
+        chunk: row length; the keep factor and the row dots are 4 B per row.
+        decay_end: elements ``[0, decay_end)`` also read theta_pre.
+        update, dots, scaled: the step's mode (``scaled``: a grad_scale is given).
+    """
+    rows = n // chunk
+    total = 0
+    if dots:
+        total += 4 * rows  # row partials written (the fp64 reduce over rows is O(rows))
+    if update:
+        total += 36 * n + 4 * rows + 4 * decay_end + (4 * n if scaled else 0)
+    elif dots:
+        total += 8 * n
+    return total
+
+
+def resolve_backend(backend: str, device: torch.device) -> Literal["triton", "torch"]:
+    """Which implementation ``bilevel_step_`` runs for buffers on ``device``.
+
+    'auto' picks Triton only for CUDA tensors (not under the interpreter, far too slow for
+    training); 'triton' runs it wherever it can (CUDA, or the CPU interpreter) and raises
+    otherwise; 'torch' is the eager reference.
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    tb = triton_backend()
+    if backend == "auto":
+        return "triton" if tb.available and device.type == "cuda" and not _interpreting() else "torch"
+    if tb.available and (device.type == "cuda" or _interpreting()):
+        return "triton"
+    why = tb.reason if not tb.available else f"tensors are on {device} and TRITON_INTERPRET is not 1"
+    raise RuntimeError(
+        f"bilevel step backend 'triton' requested but it cannot run: {why}. Move the buffers to a "
+        "CUDA device, set TRITON_INTERPRET=1 before importing triton (slow, CPU testing only), "
+        "or use backend='auto'/'torch'."
+    )
+
+
+def _check_flat(name: str, t: object, n: int | None, device: torch.device | None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise MaskUpdateInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1:
+        raise MaskUpdateInputError(f"{name} must be a flat 1-D buffer, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise MaskUpdateInputError(f"{name} must be contiguous (stride {t.stride()})")
+    if t.dtype != torch.float32:
+        raise MaskUpdateInputError(f"{name} must be float32, got {t.dtype}")
+    if n is not None and t.numel() != n:
+        raise MaskUpdateInputError(f"{name} has {t.numel()} elements, expected {n}")
+    if device is not None and t.device != device:
+        raise MaskUpdateInputError(f"{name} is on {t.device}, theta is on {device}")
+
+
+def _validate(bufs: dict[str, torch.Tensor], keep: torch.Tensor, rows_per_tensor: torch.Tensor, *, chunk: int,
+              lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decay_end: int,
+              step: int, grad_scale: torch.Tensor | None, update: bool, scratch: torch.Tensor | None) -> None:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise MaskUpdateInputError(f"chunk must be an int >= 1, got {chunk!r}")
+    _check_flat("theta", bufs["theta"], None, None)
+    n, dev = bufs["theta"].numel(), bufs["theta"].device
+    for name, t in bufs.items():
+        _check_flat(name, t, n, dev)
+    if n == 0 or n % chunk:
+        raise MaskUpdateInputError(f"buffers hold {n} elements, not a positive multiple of chunk={chunk} "
+                                   "(build them with FlatLayout)")
+    if len({t.data_ptr() for t in bufs.values()}) != len(bufs):
+        raise MaskUpdateInputError("theta, theta_pre, theta_d, grad, exp_avg and exp_avg_sq must be distinct buffers")
+    rows = n // chunk
+    _check_flat("keep", keep, rows, dev)
+    if not isinstance(rows_per_tensor, torch.Tensor) or rows_per_tensor.dim() != 1 \
+            or rows_per_tensor.dtype != torch.int64 or rows_per_tensor.device != dev:
+        raise MaskUpdateInputError("rows_per_tensor must be a 1-D int64 tensor on the buffers' device "
+                                   "(FlatLayout.rows_per_tensor)")
+    # The sum needs the values: checked where that is free (a host sync on CUDA every step is not).
+    if dev.type == "cpu" and int(rows_per_tensor.sum()) != rows:
+        raise MaskUpdateInputError(f"rows_per_tensor sums to {int(rows_per_tensor.sum())}, the buffers have "
+                                   f"{rows} rows of {chunk}")
+    if scratch is not None:
+        _check_flat("scratch", scratch, n, dev)
+    if grad_scale is not None:
+        if not isinstance(grad_scale, torch.Tensor) or grad_scale.numel() != 1:
+            raise MaskUpdateInputError("grad_scale must be None or a 1-element tensor")
+        if grad_scale.dtype != torch.float32 or grad_scale.device != dev:
+            raise MaskUpdateInputError(f"grad_scale must be float32 on {dev} (read on the device, no host sync), "
+                                       f"got {grad_scale.dtype} on {grad_scale.device}")
+    if isinstance(decay_end, bool) or not isinstance(decay_end, int) or not 0 <= decay_end <= n:
+        raise MaskUpdateInputError(f"decay_end must be an int in [0, {n}], got {decay_end!r}")
+    if not update:
+        return
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise MaskUpdateInputError(f"step must be an int >= 1 (the step being taken), got {step!r}")
+    for name, x in (("lr", lr), ("weight_decay", weight_decay)):
+        if not x >= 0.0:
+            raise MaskUpdateInputError(f"{name} must be >= 0, got {x}")
+    if not eps > 0.0:  # the zero padding between segments has v = 0: eps = 0 would make it 0/0
+        raise MaskUpdateInputError(f"eps must be > 0, got {eps}")
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:
+            raise MaskUpdateInputError(f"{name} must be in [0, 1), got {b}")
+
+
+@torch.no_grad()
+def bilevel_step_(
+    theta: torch.Tensor,
+    theta_pre: torch.Tensor,
+    theta_d: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    keep: torch.Tensor,
+    rows_per_tensor: torch.Tensor,
+    *,
+    chunk: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay_end: int,
+    step: int,
+    grad_scale: torch.Tensor | None = None,
+    update: bool = True,
+    dots: bool = True,
+    scratch: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor | None:
+    """``bilevel_step_ref_`` (same arguments, same in-place effects, same result) with a choice of
+    implementation: the fused one-launch Triton kernel, or the eager reference.
+
+    Args:
+        scratch: optional flat fp32 buffer; the kernel keeps its ``[rows]`` row partials in its
+            head (no allocation per step), the reference its update temporary.
+        backend: see ``resolve_backend``: 'auto' (Triton on CUDA tensors, else the reference),
+            'triton' (raise if it cannot run) or 'torch'.
+    Returns:
+        The per-tensor dots ``<theta_d_i, g_i>`` (fp64, flat order) when ``dots``, else None.
+    """
+    bufs = {"theta": theta, "theta_pre": theta_pre, "theta_d": theta_d, "grad": grad, "exp_avg": exp_avg,
+            "exp_avg_sq": exp_avg_sq}
+    _validate(bufs, keep, rows_per_tensor, chunk=chunk, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+              weight_decay=weight_decay, decay_end=decay_end, step=step, grad_scale=grad_scale, update=update,
+              scratch=scratch)
+    hp = dict(chunk=chunk, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+              decay_end=decay_end, step=step, grad_scale=grad_scale, update=update, dots=dots)
+    if resolve_backend(backend, theta.device) == "torch":
+        return bilevel_step_ref_(theta, theta_pre, theta_d, grad, exp_avg, exp_avg_sq, keep, rows_per_tensor,
+                                 scratch=scratch, **hp)
+    cfg = launch_config(chunk, theta.numel() // chunk, theta.device)
+    return _run_triton(theta, theta_pre, theta_d, grad, exp_avg, exp_avg_sq, keep, rows_per_tensor,
+                       scratch=scratch, config=cfg, **hp)
+
+
+def _run_triton(theta, theta_pre, theta_d, grad, exp_avg, exp_avg_sq, keep, rows_per_tensor, *, chunk, lr,
+                beta1, beta2, eps, weight_decay, decay_end, step, grad_scale, update, dots, scratch,
+                config: LaunchConfig) -> torch.Tensor | None:
+    """Launch the kernel with a given shape (validated inputs); then reduce rows to tensors."""
+    if not (update or dots):
+        return None
+    rows = theta.numel() // chunk
+    row_dots = scratch[:rows] if scratch is not None else torch.empty(rows, dtype=torch.float32,
+                                                                      device=theta.device)
+    step = max(step, 1)  # only read when update, where it was validated
+    w1 = 1.0 - beta1
+    _bilevel_kernel[config.grid(rows)](
+        theta, theta_pre, theta_d, grad, exp_avg, exp_avg_sq, keep,
+        grad_scale if grad_scale is not None else keep,  # dummy pointer, never read
+        row_dots, rows, decay_end,
+        w1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2**step), -lr / (1.0 - beta1**step), eps,
+        lr * weight_decay,
+        CHUNK=chunk, TILE=config.tile, ROWS=config.rows_per_program,
+        UPDATE=update, DOTS=dots, HAS_SCALE=update and grad_scale is not None,
+        HAS_DECAY=update and weight_decay != 0 and decay_end > 0,
+        LERP_FROM_END=abs(w1) >= 0.5, INT64=config.int64,
+        num_warps=config.num_warps,
+    )
+    return segment_sum_rows(row_dots, rows_per_tensor) if dots else None
