@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One-shot GPU check (a CUDA machine with torch, triton, numpy, pytest, pytest-benchmark and
+# nvidia-ml-py, but perhaps without diffusers/xformers/bitsandbytes and without network).
+#
+#   wheels:  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#              --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+#              -d .whl diffusers transformers safetensors tokenizers huggingface-hub xformers bitsandbytes \
+#              peft tqdm pyyaml pillow regex scikit-learn scipy joblib threadpoolctl
+#            (first check which of these the machine already has: the carried tree is capped at 64 MiB,
+#            and scipy alone is large; the digits data needs scikit-learn)
+#   run:     OUT=/some/dir bash bench/gpu_check.sh      (each stage has its own time limit)
+#
+# Writes under $OUT: info.txt, gpu_tests.txt, bench_adamw.json, bench_mask_update.json, and the
+# default, freeze, optimizer and masklearn suites of bench/run.py (sd15 preset, 512 px, bf16).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# The package without installing it: freezeasguard.engine / .kernels point at this checkout.
+mkdir -p /tmp/fag/freezeasguard
+ln -sfn "$PWD/engine" /tmp/fag/freezeasguard/engine
+ln -sfn "$PWD/kernels" /tmp/fag/freezeasguard/kernels
+export PYTHONPATH=/tmp/fag:${PYTHONPATH:-}
+
+stage() {  # stage NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt" | tail -25
+  echo "== $name exit ${PIPESTATUS[0]}"
+}
+stage info 60 python3 -m freezeasguard.engine.cli info
+stage gpu_tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_adamw.py tests/test_mask_update.py \
+  tests/test_attention.py tests/test_frozen_ops.py tests/test_ledger.py tests/test_profiling.py
+stage bench_adamw 120 python3 -m pytest -q -p no:cacheprovider bench/bench_adamw.py --benchmark-enable \
+  --benchmark-json "$OUT/bench_adamw.json"
+stage bench_mask_update 90 python3 -m pytest -q -p no:cacheprovider bench/bench_mask_update.py --benchmark-enable \
+  --benchmark-json "$OUT/bench_mask_update.json"
+stage run_default 150 python3 bench/run.py --out "$OUT"
+stage run_optimizer 90 python3 bench/run.py optimizer --out "$OUT"
+stage run_masklearn 120 python3 bench/run.py masklearn --preset sd15 --resolution 512 --steps 10 --out "$OUT"
+stage run_freeze 240 python3 bench/run.py freeze --steps 10 --out "$OUT"
