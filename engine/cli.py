@@ -24,7 +24,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errs: list[type[BaseException]] = [ConfigError, DatasetError, ModelError, TrainingError]
     for mod, name in (("freezeasguard.engine.mask", "MaskError"),
                       ("freezeasguard.engine.manifest", "ManifestError"),
-                      ("freezeasguard.engine.jobs", "MergeError"),
+                      ("freezeasguard.engine.delta", "MergeError"),
                       ("freezeasguard.engine.signing", "SignatureError"),
                       ("freezeasguard.engine.mask_config", "MaskLearnError")):
         try:

@@ -13,8 +13,8 @@ A job goes through three stages, and nothing is written before the first one pas
 3. Append the job record (dataset file hashes, resolved config, manifest digest, base
    fingerprint, output hash, verify result) to the hash-chained job log (``joblog``).
 
-``merge_delta`` is the other end: it applies a delta to the base and refuses one that would
-change a frozen tensor or names a tensor the base does not have.
+``freezeasguard.engine.delta.merge_delta`` is the other end: it applies a delta to the base and
+refuses one that would change a frozen tensor or names a tensor the base does not have.
 """
 from __future__ import annotations
 
@@ -38,9 +38,10 @@ from torch import nn
 from freezeasguard.engine import __version__
 from freezeasguard.engine.config import ConfigError, FinetuneConfig, from_dict
 from freezeasguard.engine.data import DatasetError, ImageDataset, load_image_folder
+from freezeasguard.engine.delta import DELTA_FORMAT
 from freezeasguard.engine.io import atomic_dir, atomic_write_json, save_safetensors_atomic
 from freezeasguard.engine.joblog import AuditReport, JobLogError, append_record, audit, tail_problem
-from freezeasguard.engine.manifest import Manifest, ManifestError, VerifyReport, verify_frozen
+from freezeasguard.engine.manifest import Manifest, ManifestError, VerifyReport
 from freezeasguard.engine.models import Components, ModelError, load_components
 from freezeasguard.engine.policy import (JobSpec, Policy, PolicyViolation, base_problems, extra_problems,
                                          manifest_signature_problems, resolve_lora_targets, spec_problems)
@@ -49,21 +50,11 @@ from freezeasguard.engine.signing import SignatureError, load_key
 log = logging.getLogger("freezeasguard")
 
 RECORD_SCHEMA = "freezeasguard.job/1"
-DELTA_FORMAT = "freezeasguard.delta/1"
 DELTA_FILE, RECORD_FILE, MANIFEST_FILE = "delta.safetensors", "record.json", "manifest.json"
 
 
 class JobError(RuntimeError):
     """An accepted job that could not be completed or proven (nothing was published)."""
-
-
-class MergeError(ValueError):
-    """A delta that must not be merged into the base. ``problems`` lists every reason."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__(f"delta refused ({len(self.problems)} problem(s)):\n"
-                         + "\n".join(f"  - {p}" for p in self.problems))
 
 
 def _now() -> str:
@@ -405,103 +396,6 @@ def _run(plan: JobPlan, record: dict[str, Any]) -> JobResult:
 def submit(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLike, **kw) -> JobResult:
     """``plan_job`` then ``run_job`` (keyword arguments as in ``plan_job``)."""
     return run_job(plan_job(spec, policy, **kw))
-
-
-# --------------------------------------------------------------------------------------- merge
-def load_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a delta checkpoint written by ``run_job``."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("format") != DELTA_FORMAT:
-        raise MergeError([f"{path}: not a delta checkpoint (format {meta.get('format')!r})"])
-    return tensors, meta
-
-
-def _lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    # Linear: W [out, in] += s * B [out, r] @ A [r, in]. Conv: A is a [r, in, k, k] conv and B a
-    # 1x1 [out, r] conv, so the composite kernel is sum_r B[o, r] * A[r, i, :, :].
-    return torch.einsum("or,ri...->oi...", b.float().flatten(1), a.float()) * scaling
-
-
-def merge_delta(base: nn.Module | Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
-                manifest: Manifest, metadata: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """Apply a delta to the base UNet's tensors, refusing anything that touches the freeze.
-
-    Args:
-        base: the base UNet (or its state dict); must be the manifest's base model.
-        delta: full tensors by UNet name, or LoRA pairs ``<module>.lora_A/B.weight``.
-        manifest: the freeze manifest the delta must respect.
-        metadata: the delta's metadata (``method``, and ``lora_rank``/``lora_alpha`` for LoRA).
-    Returns:
-        The merged state (new tensors where the delta applies, the base's elsewhere).
-    Raises:
-        MergeError listing every tensor the delta would change that is frozen, every name not
-        in the base, and every shape/dtype mismatch.
-    """
-    from freezeasguard.engine.manifest import named_tensors
-
-    state = named_tensors(base)
-    problems = [f"base: {p}" for p in manifest.model_problems(state)]
-    meta = metadata or {}
-    if meta.get("manifest_digest", manifest.digest()) != manifest.digest():
-        problems.append("the delta was trained under a different manifest")
-    if meta.get("base_fingerprint", manifest.base_fingerprint) != manifest.base_fingerprint:
-        problems.append("the delta was trained from a different base model")
-    frozen = set(manifest.frozen_names)
-    merged = dict(state)
-    method = meta.get("method", "full")
-    if method == "full":
-        for n, t in delta.items():
-            b = state.get(n)
-            if b is None:
-                problems.append(f"{n!r} is not a tensor of the base model")
-            elif t.shape != b.shape or t.dtype != b.dtype:
-                problems.append(f"{n!r}: {t.dtype} {list(t.shape)} in the delta, {b.dtype} {list(b.shape)} in the base")
-            elif n in frozen and not torch.equal(t, b):
-                problems.append(f"{n!r} is frozen by the manifest; the delta would change it")
-            else:
-                merged[n] = t
-    elif method == "lora":
-        try:
-            scaling = float(meta["lora_alpha"]) / int(meta["lora_rank"])
-        except (KeyError, TypeError, ValueError):
-            raise MergeError(["LoRA delta without valid lora_rank / lora_alpha metadata"]) from None
-        modules: dict[str, dict[str, torch.Tensor]] = {}
-        for n, t in delta.items():
-            for part in ("lora_A", "lora_B"):
-                if n.endswith(f".{part}.weight"):
-                    modules.setdefault(n[:-len(f".{part}.weight")], {})[part] = t
-                    break
-            else:
-                problems.append(f"{n!r} is not a LoRA adapter tensor (<module>.lora_A/B.weight)")
-        for m, ab in modules.items():
-            w = f"{m}.weight"
-            if set(ab) != {"lora_A", "lora_B"}:
-                problems.append(f"module {m!r}: adapter has {sorted(ab)} (needs lora_A and lora_B)")
-            elif w not in state:
-                problems.append(f"module {m!r} is not a module of the base model")
-            elif frozen & {w, f"{m}.bias"}:
-                problems.append(f"module {m!r} has frozen tensor(s) {sorted(frozen & {w, f'{m}.bias'})}; "
-                                "the adapter would change them")
-            else:
-                a, b, W = ab["lora_A"], ab["lora_B"], state[w]
-                if (b.shape[0], a.shape[1], tuple(a.shape[2:])) != (W.shape[0], W.shape[1], tuple(W.shape[2:])) \
-                        or a.shape[0] != b.shape[1]:
-                    problems.append(f"module {m!r}: adapter shapes A {list(a.shape)}, B {list(b.shape)} "
-                                    f"do not fit the weight {list(W.shape)}")
-                else:
-                    merged[w] = (W.float() + _lora_delta(a, b, scaling)).to(W.dtype)
-    else:
-        problems.append(f"unknown delta method {method!r}")
-    if problems:
-        raise MergeError(problems)
-    report = verify_frozen(manifest, merged)  # the proof on the merged result, not just the rules
-    if not report.ok:
-        raise MergeError([report.details[n] for n in report.failures])
-    return merged
 
 
 # --------------------------------------------------------------------------------------- audit

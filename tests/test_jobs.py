@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from freezeasguard.engine.data import digits_dataset, write_image_folder
-from freezeasguard.engine.jobs import (DELTA_FILE, RECORD_FILE, audit_jobs, file_sha256, load_delta,
-                                       merge_delta, plan_job, register_cli, run_job)
+from freezeasguard.engine.delta import load_delta, merge_delta
+from freezeasguard.engine.jobs import DELTA_FILE, RECORD_FILE, audit_jobs, file_sha256, plan_job, register_cli, run_job
 from freezeasguard.engine.manifest import Manifest, model_fingerprint
 from freezeasguard.engine.mask import FreezeMask
 from freezeasguard.engine.models import build_components, load_components, save_components

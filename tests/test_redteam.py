@@ -9,8 +9,8 @@ import yaml
 
 from freezeasguard.engine import train as train_mod
 from freezeasguard.engine.io import save_safetensors_atomic
-from freezeasguard.engine.jobs import (DELTA_FORMAT, JobError, MergeError, audit_jobs, load_delta,
-                                       merge_delta, submit)
+from freezeasguard.engine.delta import DELTA_FORMAT, MergeError, load_delta, merge_delta
+from freezeasguard.engine.jobs import JobError, audit_jobs, submit
 from freezeasguard.engine.joblog import read_entries
 from freezeasguard.engine.manifest import Manifest
 from freezeasguard.engine.mask import FreezeMask
