@@ -8,6 +8,7 @@ batch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -327,19 +328,20 @@ class Trainer:
         for i, ch in enumerate(chunks):
             x0, cond = self.data.batch(idx[ch], flip[ch], eps[ch], self.device)
             sync = i == len(chunks) - 1 or self.dist.world == 1
-            ctx = self.model.no_sync() if not sync else _nullcontext()
+            ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
             counting = self.measure_memory and i == 0
-            if counting:
+            if counting:  # activations saved for backward, counted on the first micro-batch
                 from freezeasguard.engine.ledger import count_saved_activations
 
                 counter = count_saved_activations(self.c.unet)
-            with ctx, (counter if counting else _nullcontext()) as saved_now:
-                with amp:
+            else:
+                counter = contextlib.nullcontext()
+            with ctx:  # no_sync (DDP, not the last micro-batch) covers forward and backward
+                with counter as saved_now, amp:
                     loss = diffusion_loss(self.model, self.c.schedule, x0, cond,
                                           noise[ch].to(self.device), t[ch].to(self.device))
-            if counting:
-                saved = saved_now
-            with ctx:
+                if counting:
+                    saved = saved_now
                 (loss * (len(ch) / len(idx))).backward()
             total += loss.detach() * (len(ch) / len(idx))
         if self.dist.world > 1:
@@ -442,14 +444,6 @@ class Trainer:
                 "ok": report.ok, "summary": report.summary(), "manifest_digest": self.guard.manifest.digest()}}
             save_components(self.c, path, unet_state=self.unet_state_for_export(), extra_json=proof)
         return path
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def make_optimizer(groups: list[dict], cfg: FinetuneConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -27,7 +27,8 @@ def _worker(rank, world, port, out_dir, result_path, extra=()):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("extra", [(), ("freeze.mode=engine", "freeze.ratio=0.5")], ids=["full", "engine"])
+@pytest.mark.parametrize("extra", [(), ("freeze.mode=engine", "freeze.ratio=0.5", "train.grad_accum=2")],
+                         ids=["full", "engine-accum"])
 def test_ddp_two_processes_equal_one(tmp_path, extra):
     import socket
 
