@@ -1,0 +1,62 @@
+"""The guard efficacy benchmark's --quick suite runs every stage and writes complete results."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_quick_suite_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # bench/run.py does the same before dispatching
+    from guard import main
+
+    out = tmp_path / "out"
+    assert main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out), "--workers", "1",
+                 "--no-progress"]) == 0
+    res = json.loads((out / "guard.json").read_text())
+    assert res["suite"] == "quick" and res["plan"]["seeds"] == [0, 1]
+    assert 0.0 <= res["recogniser"]["accuracy"] <= 1.0 and res["recogniser"]["n_test"] > 0
+    settings = [s["name"] for s in res["settings"]]
+    assert settings == ["same", "diff"]
+    # every run has a full curve of finite numbers, and guarded jobs proved their freeze
+    assert len(res["runs"]) > 10
+    for r in res["runs"]:
+        assert [c["step"] for c in r["curve"]] == sorted(r["job"]["eval_at"])
+        for c in r["curve"]:
+            assert 0.0 <= c["rate"] <= 1.0 and 0.0 <= c["mean_prob"] <= 1.0 and c["heldout_loss"] > 0
+            assert c["n"] == res["plan"]["samples"]
+        if r["job"]["mask"] and r["job"]["method"] == "full" and r["job"]["granularity"] == "tensors":
+            assert r["info"]["verified"] is True
+    # the summary pairs guarded and full runs by seed for both domains
+    for name in settings:
+        s = res["summary"]["settings"][name]
+        rows = {row["condition"]: row for row in s["headline"]}
+        assert {"full", "random", "learned"} <= set(rows)
+        assert rows["learned"]["mitigation"]["n"] == 2 and rows["learned"]["legal_impact"]["n"] == 2
+        m = rows["learned"]["mitigation"]["values"]
+        full = [r for r in res["runs"] if r["job"]["condition"] == "full" and r["job"]["domain"] ==
+                s["setting"]["illegal"] and r["job"]["method"] == "full" and r["job"]["lr"] == res["plan"]["user_lr"]]
+        assert full and isinstance(m[0], (float, str))
+        assert 0.29 <= rows["learned"]["frozen_params"] <= 0.3
+        assert any(a["condition"].startswith("LoRA") for a in s["adaptive"])
+    md = (out / "guard.md").read_text()
+    assert "Setting 'same'" in md and "mitigation" in md
+    for name in settings:
+        assert (out / f"curves_{name}.png").stat().st_size > 1000
+        assert (out / f"samples_{name}.png").stat().st_size > 500
+    # a rerun takes everything from the caches and gives the same numbers
+    out2 = tmp_path / "out2"
+    assert main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out2), "--workers", "1",
+                 "--no-progress"]) == 0
+    again = json.loads((out2 / "guard.json").read_text())
+    assert again["summary"]["settings"]["same"]["headline"] == res["summary"]["settings"]["same"]["headline"]
