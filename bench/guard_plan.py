@@ -114,6 +114,7 @@ def jobs(plan: Plan, settings, mask_path, user_seeds: tuple[int, ...] | None = N
                        keep_images=plan.grid_images if seed == seeds[0] else 0, tags=tuple(tags)))
 
     specs = mask_specs(plan)
+    extra = {x["label"] for x in plan.extra_masks}
 
     def is_headline(label: str, spec: MaskSpec) -> bool:
         return (label in ("learned", "random") and spec.budget == h and spec.by == "params"
@@ -127,7 +128,7 @@ def jobs(plan: Plan, settings, mask_path, user_seeds: tuple[int, ...] | None = N
                 long = role == "illegal" or plan.name == "explore"
                 add(st, dom, role, "full", None, curve if long else short, seed, tags=("curve",))
                 for label, spec, _ in specs:
-                    if is_headline(label, spec) or spec.variant or spec.granularity == "rows":
+                    if is_headline(label, spec) or label in extra:
                         eval_at = curve if long and (label != "random" or plan.name == "explore") else short
                         add(st, dom, role, label, spec, eval_at, seed, tags=("curve",))
                     else:

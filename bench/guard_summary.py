@@ -7,8 +7,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from guard_report import (Table, compare, curve_stats, jsonable, plot_curves, sample_grid, steps_to_half)
 
 TARGETS = {"mitigation": 0.40, "vs_random": 1.3, "legal_impact": 0.05}
@@ -93,7 +91,8 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
 
         s: dict[str, Any] = {"setting": st}
         labels = sorted({m["label"] for m in masks.values()} | {m["label"] for m in first.values()})
-        s["headline"] = [row("full", 0.0)] + [row(lb, h) for lb in labels if mstat(lb, h)]
+        extra_labels = {x["label"] for x in plan.get("extra_masks", [])}
+        s["headline"] = [row("full", 0.0)] + [row(lb, h) for lb in labels if mstat(lb, h) and lb not in extra_labels]
         s["budgets"] = [row(lb, b, display=f"{lb} @{round(b * 100)}%") for b in plan["budgets"]
                         for lb in ("random", "learned")]
         s["budget_by_tensors"] = [row(lb, h, by="tensors", display=f"{lb}, {round(h * 100)}% of tensors")
@@ -219,7 +218,8 @@ def markdown(res: dict[str, Any], summ: dict[str, Any]) -> str:
         if s["budget_by_tensors"]:
             L += ["### The same budget counted in tensors", "", table(s["budget_by_tensors"]), ""]
         L += ["### Along the user's budget (steps at the service's learning rate)", "", table(s["per_step"]), ""]
-        L += ["Steps to reach 50% recognition (mean over seeds that reach it; 'not reached' counts):", ""]
+        L += ["Steps to reach 50% recognition (interpolated between evaluations; a value equal to the first "
+              "evaluated step means 'at or before it'; runs that never reach it are counted as not reached):", ""]
         for role, d in s["steps_to_50"].items():
             parts = []
             full = d.get("full")
@@ -248,8 +248,7 @@ def markdown(res: dict[str, Any], summ: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------ outputs
 def write_outputs(res: dict[str, Any], out: Path) -> list[Path]:
-    import json
-
+    """guard.json (every number, its conditions, every run), guard.md, curves and sample grids."""
     from common import conditions
 
     from freezeasguard.engine.io import atomic_write_json, atomic_write_text
@@ -273,12 +272,12 @@ def write_outputs(res: dict[str, Any], out: Path) -> list[Path]:
                "summary": summ, "targets": TARGETS, "runs": runs}
     paths.append(atomic_write_json(out / "guard.json", jsonable(payload)))
     paths.append(atomic_write_text(out / "guard.md", markdown(res, summ)))
-    _ = json  # (json kept for callers that extend the payload)
     return paths
 
 
 def _grid(res: dict[str, Any], name: str, s: dict[str, Any], path: Path) -> Path:
-    """Rows: base, full, random, learned (+ extras) at the horizon; columns: the domains."""
+    """Rows: base, full, random, learned (+ extras) at each run's last evaluation (seed 0);
+    columns: the illegal and the legal domain."""
     st = s["setting"]
     doms = [st["illegal"], st["legal"]]
     seed0 = res["plan"]["seeds"][0]
@@ -302,5 +301,3 @@ def _grid(res: dict[str, Any], name: str, s: dict[str, Any], path: Path) -> Path
     sample_grid(cells, rows, [f"{st['illegal']} (illegal)", f"{st['legal']} (legal)"], path)
     return path
 
-
-_ = torch  # images are torch tensors throughout

@@ -60,3 +60,20 @@ def test_quick_suite_end_to_end(tmp_path, monkeypatch):
                  "--no-progress"]) == 0
     again = json.loads((out2 / "guard.json").read_text())
     assert again["summary"]["settings"]["same"]["headline"] == res["summary"]["settings"]["same"]["headline"]
+
+
+def test_world_from_an_image_folder_keeps_targets_out_of_pretraining(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from guard_setup import build_world
+
+    from freezeasguard.engine.data import digits_dataset, write_image_folder
+
+    write_image_folder(digits_dataset(16, classes=(0, 1, 5, 6, 8)), tmp_path / "data")
+    w = build_world(folder=str(tmp_path / "data"), folder_domains=("five", "six", "eight"))
+    assert [s.name for s in w.settings] == ["folder"]
+    assert set(w.pretrain.domain_names()) == {"zero", "one", "six"}  # neither illegal nor legal
+    pub, tr, ho = (len(w.publisher["five"]), len(w.user_train["five"]), len(w.user_heldout["five"]))
+    assert pub + tr + ho == 182 and pub == 91  # 50/35/15, disjoint
+    assert not {r.file_name for r in w.publisher["five"].records} & {r.file_name for r in w.user_train["five"].records}
+    assert "eight" not in w.publisher and len(w.user_train["eight"]) + len(w.user_heldout["eight"]) == 174
+    assert w.prompts["five"] == "a photo of the digit five"
