@@ -51,6 +51,13 @@ def triton_backend() -> Backend:
     return Backend("triton", False, ver, "no CUDA device and TRITON_INTERPRET is not 1")
 
 
+def triton_importable() -> bool:
+    """Triton imports (it may still be unable to run here: no CUDA and no interpreter), so kernel
+    modules can define their ``@triton.jit`` functions."""
+    tb = triton_backend()
+    return tb.available or tb.version is not None
+
+
 @functools.lru_cache(maxsize=None)
 def xformers_backend() -> Backend:
     """xformers' memory-efficient attention only has CUDA kernels."""

@@ -39,7 +39,7 @@ from typing import Literal
 
 import torch
 
-from freezeasguard.engine.backends import triton_backend
+from freezeasguard.engine.backends import triton_backend, triton_importable
 
 __all__ = [
     "AdamWInputError",
@@ -68,13 +68,7 @@ class AdamWInputError(ValueError):
     """The buffers or hyperparameters handed to the AdamW step are inconsistent."""
 
 
-def _triton_importable() -> bool:
-    """Triton imports (it may still be unable to run here: no CUDA and no interpreter)."""
-    tb = triton_backend()
-    return tb.available or tb.version is not None
-
-
-if _triton_importable():
+if triton_importable():
     import triton
     import triton.language as tl
 

@@ -51,7 +51,7 @@ from typing import Literal
 
 import torch
 
-from freezeasguard.engine.backends import triton_backend
+from freezeasguard.engine.backends import triton_backend, triton_importable
 from freezeasguard.engine.mask_flat import bilevel_step_ref_, segment_sum_rows
 
 __all__ = [
@@ -76,13 +76,7 @@ class MaskUpdateInputError(ValueError):
     """The buffers or hyperparameters handed to the bilevel step are inconsistent."""
 
 
-def _triton_importable() -> bool:
-    """Triton imports (it may still be unable to run here: no CUDA and no interpreter)."""
-    tb = triton_backend()
-    return tb.available or tb.version is not None
-
-
-if _triton_importable():
+if triton_importable():
     import triton
     import triton.language as tl
 

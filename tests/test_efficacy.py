@@ -13,12 +13,7 @@ from freezeasguard.engine.mask_groups import RowMask, groups_of
 from freezeasguard.engine.models import build_components, caption_words
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

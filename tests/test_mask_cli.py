@@ -13,12 +13,7 @@ from freezeasguard.engine.masklearn import register_cli
 from freezeasguard.engine.models import build_components, caption_words, load_components, save_components
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ from freezeasguard.engine.masklearn import MaskLearnConfig, MaskLearner, MaskLea
 from freezeasguard.engine.models import build_components, caption_words
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small ops on a shared 2-core host run many times slower with 2 threads than with 1.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------ the toy
