@@ -36,7 +36,19 @@ def test_quick_suite_end_to_end(tmp_path, monkeypatch):
         s = res["summary"]["settings"][name]
         rows = {row["condition"]: row for row in s["headline"]}
         assert {"full", "random", "learned"} <= set(rows)
-        assert rows["learned"]["mitigation"]["n"] == 2 and rows["learned"]["legal_impact"]["n"] == 2
+        # every seed pairs on the mean probability (always > 0); on the recognition rate a seed pairs
+        # exactly when its full fine-tuning recognised something (else the ratio is undefined, not 0)
+        assert rows["learned"]["mitigation_prob"]["n"] == 2 and rows["learned"]["legal_impact_prob"]["n"] == 2
+        for metric, role in (("mitigation", "illegal"), ("legal_impact", "legal")):
+            dom = s["setting"][role]
+            step = res["plan"]["user_steps"]
+            ref = {r["job"]["seed"]: next(c["rate"] for c in r["curve"] if c["step"] == step)
+                   for r in res["runs"] if r["job"]["condition"] == "full" and r["job"]["domain"] == dom
+                   and r["job"]["method"] == "full" and r["job"]["lr"] == res["plan"]["user_lr"]
+                   and step in r["job"]["eval_at"]}
+            assert sorted(ref) == [0, 1]
+            reached = sum(rate > 0 for rate in ref.values())
+            assert rows["learned"][metric]["n"] == reached, (name, metric)
         m = rows["learned"]["mitigation"]["values"]
         full = [r for r in res["runs"] if r["job"]["condition"] == "full" and r["job"]["domain"] ==
                 s["setting"]["illegal"] and r["job"]["method"] == "full" and r["job"]["lr"] == res["plan"]["user_lr"]]
