@@ -149,6 +149,9 @@ def run_suite(plan, args, work: Path, progress: bool) -> dict[str, Any]:
         m = mk.load(sp)
         masks.setdefault(s.name, {})[sp.name] = {"label": label, "path": str(path), "spec": dataclasses.asdict(sp),
                                                  "stats": _mask_stats(m, base.unet)}
+        info = path.with_suffix(".info.json")
+        if info.is_file() and "convergence" in (made := json.loads(info.read_text())):
+            masks[s.name][sp.name]["convergence"] = made["convergence"]
 
     def mask_path(setting, spec) -> str:
         owner = world.settings[0] if spec.source == "random" else setting

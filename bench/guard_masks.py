@@ -156,6 +156,8 @@ class MaskMaker:
             learner.fit()
             info["loss_summary"] = learner.loss_summary()
             mask = learner.export_rows() if spec.granularity == "rows" else learner.export_mask()
+            if spec.granularity == "tensors":
+                info["convergence"] = learner.convergence(mask)
         else:
             raise ValueError(f"unknown mask source {spec.source!r}")
         return mask, info

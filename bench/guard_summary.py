@@ -116,6 +116,9 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
         s["where"] = {m["label"] + ("" if m["spec"]["by"] == "params" else " (by tensors)"): m["stats"]["where"]
                       for m in masks.values() if m["label"] not in ("random",) and abs(m["spec"]["budget"] - h) < 1e-9
                       and "where" in m["stats"]}
+        s["convergence"] = {m["label"] + ("" if m["spec"]["by"] == "params" else " (by tensors)")
+                            + f" {round(100 * m['spec']['budget'])}%": m["convergence"]
+                            for m in masks.values() if "convergence" in m}
         s["lr_sweep"] = [r for r in (row(lb, 0.0 if lb == "full" else h, lr_=x, display=f"{lb} lr {x:g}")
                                      for x in sorted({lr, *plan["lr_sweep"]}) for lb in ("full", "random", "learned"))
                          if _has_data(r)]
@@ -241,6 +244,13 @@ def markdown(res: dict[str, Any], summ: dict[str, Any]) -> str:
                   "| mask | " + " | ".join(cats) + " |", "|---|" + "|".join("---" for _ in cats) + "|"]
             for lb, w in sorted(s["where"].items()):
                 L.append(f"| {lb} | " + " | ".join(f"{100 * w[c]['share']:.0f}%" if c in w else "" for c in cats) + " |")
+            L.append("")
+        if s.get("convergence"):
+            L += ["### Did the learned soft masks converge? (share of the exported frozen parameters with m > 1/2; "
+                  "logits' spread in units of T)", "", "| mask | agreement | spread | converged |", "|---|---|---|---|"]
+            for lb, c in sorted(s["convergence"].items()):
+                L.append(f"| {lb} | {100 * c['agreement']:.0f}% | {c['spread']:.2f} T | "
+                         f"{'yes' if c['converged'] else 'no'} |")
             L.append("")
     L += ["Curves: `curves_<setting>.png`; samples: `samples_<setting>.png`.", ""]
     return "\n".join(L)

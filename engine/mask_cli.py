@@ -87,6 +87,10 @@ def cmd_learn_mask(args: argparse.Namespace) -> int:
         atomic_write_json(Path(cfg.work_dir) / "config.json", cfg.to_dict())
         s = res.learner.loss_summary()
         print(f"learned mask: {res.mask.summary()}")
+        c = res.learner.convergence(res.mask)
+        state = "converged" if c["converged"] else "NOT converged: the export ranks small logit differences"
+        print(f"soft mask: {100 * c['agreement']:.0f}% of the frozen parameters have m > 1/2, logits spread over "
+              f"{c['spread']:.3g} T ({state})")
         print(f"losses (first -> last {s['window']} steps): L_illegal {s['first']['L_illegal']:.4f} -> "
               f"{s['last']['L_illegal']:.4f}, L_innocent {s['first']['L_innocent']:.4f} -> "
               f"{s['last']['L_innocent']:.4f}")

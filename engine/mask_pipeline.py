@@ -193,7 +193,13 @@ def learn_mask(cfg: MaskLearnConfig, out: str | Path | None = None, *, component
     if cfg.work_dir and cfg.checkpoint_every:
         learner.save_checkpoint()
     mask = learner.export_mask()
-    manifest = learner.manifest(mask, provenance={"base": cfg.base, "data": cfg.data})
+    conv = learner.convergence(mask)
+    if not conv["converged"]:
+        log.warning("the soft mask has not converged: only %.0f%% of the exported frozen parameters have m > 1/2 "
+                    "(logits spread over %.3g T); the export ranks small logit differences. More steps or "
+                    "a larger mask.lr may help; compare with the baselines (--baselines)",
+                    100 * conv["agreement"], conv["spread"])
+    manifest = learner.manifest(mask, provenance={"base": cfg.base, "data": cfg.data, "convergence": conv})
     if out is not None and learner.dist.is_main:
         manifest.save(out)
         for name, m in extra.items():

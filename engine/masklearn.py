@@ -356,6 +356,31 @@ class MaskLearner:
         return FreezeMask.from_scores(shapes, self.scores(), mo.budget if budget is None else budget,
                                       by or mo.budget_by)
 
+    def convergence(self, mask: FreezeMask | None = None) -> dict[str, Any]:
+        """How far the soft mask is from the hard one that is exported.
+
+        The export is a top-k over the logits; it means something only where the soft mask has
+        split into m near 1 and m near 0. Returned: ``agreement``, the share of the exported
+        frozen parameters whose soft m > 1/2 (1.0 when the hard mask already is the export);
+        ``margin``, the gap between the lowest frozen and the highest unfrozen logit in units of
+        the temperature (tiny: the export ranks noise; negative where the greedy parameter fill
+        skipped a tensor that did not fit; None when nothing or everything is frozen); ``spread``, the logits'
+        max - min in units of T; ``converged`` = agreement >= 0.9.
+        """
+        mask = mask if mask is not None else self.export_mask()
+        t = self.cfg.mask.temperature
+        sc = self.scores()
+        sizes = dict(zip(mask.names, mask.numels))
+        frozen = [n for n in sc if n in mask.frozen_set]
+        free = [n for n in sc if n not in mask.frozen_set]
+        m = {n: 1.0 / (1.0 + math.exp(-v / t)) for n, v in sc.items()}
+        fp = sum(sizes[n] for n in frozen)
+        agreement = sum(sizes[n] for n in frozen if m[n] > 0.5) / fp if fp else 1.0
+        margin = (min(sc[n] for n in frozen) - max(sc[n] for n in free)) / t if frozen and free else None
+        vals = list(sc.values())
+        return {"agreement": agreement, "margin": margin, "spread": (max(vals) - min(vals)) / t,
+                "converged": agreement >= 0.9, **self.mask_stats()}
+
     def loss_summary(self, window: int = 10) -> dict[str, Any]:
         h = self.history
         w = max(1, min(window, len(h) // 4))

@@ -55,8 +55,11 @@ def test_quick_suite_end_to_end(tmp_path, monkeypatch):
         assert full and isinstance(m[0], (float, str))
         assert 0.29 <= rows["learned"]["frozen_params"] <= 0.3
         assert any(a["condition"].startswith("LoRA") for a in s["adaptive"])
+        # each learned mask says how far its soft mask was from the exported hard one
+        conv = s["convergence"]
+        assert conv and all(0.0 <= c["agreement"] <= 1.0 and c["spread"] >= 0.0 for c in conv.values())
     md = (out / "guard.md").read_text()
-    assert "Setting 'same'" in md and "mitigation" in md
+    assert "Setting 'same'" in md and "mitigation" in md and "Did the learned soft masks converge?" in md
     for name in settings:
         assert (out / f"curves_{name}.png").stat().st_size > 1000
         assert (out / f"samples_{name}.png").stat().st_size > 500

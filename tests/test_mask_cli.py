@@ -39,7 +39,7 @@ def _learn(capsys, base, out, *extra):
                 "--bootstrap-steps", "1", "--set", "progress=false", "--set", "mask.every=3", *extra)
 
 
-def test_learn_mask_then_report_with_png_and_overlap(capsys, base, tmp_path):
+def test_learn_mask_then_report_with_png_and_overlap(capsys, caplog, base, tmp_path):
     out = tmp_path / "m.json"
     rc, stdout, err = _learn(capsys, base, out, "--budget-by", "tensors", "--set", "checkpoint_every=3",
                              "--baselines")
@@ -51,6 +51,10 @@ def test_learn_mask_then_report_with_png_and_overlap(capsys, base, tmp_path):
         man.check_model(unet)
         assert man.counts["tensors"]["frozen"] == tensor_budget(0.3, 208)
         assert man.provenance["method"] == (name[1:] or "learned")
+    # a few mask steps cannot split the soft mask: said on stdout, warned, recorded in the manifest
+    conv = Manifest.load(out).provenance["convergence"]
+    assert conv["converged"] is False and 0.0 <= conv["agreement"] < 0.9
+    assert "soft mask:" in stdout and "NOT converged" in stdout and "has not converged" in caplog.text
     cfg = json.loads((tmp_path / "m.run" / "config.json").read_text())
     assert cfg["innocent"] == ["one", "two"] and cfg["innocent_weights"] == [1.0, 0.5]
 

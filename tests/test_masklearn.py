@@ -103,6 +103,36 @@ def test_toy_learned_mask_freezes_the_illegal_only_tensors_and_beats_random(by):
     assert inn_learned == pytest.approx(inn_none, rel=1e-6)  # and leaves the innocent domain alone
 
 
+def test_convergence_reports_how_far_the_soft_mask_is_from_the_export():
+    torch.manual_seed(0)
+    model, task = Toy(), ToyTask()
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    budget = sum(sizes[n] for n in ILLEGAL_TENSORS) / sum(sizes.values())
+    cfg = from_dict(MaskLearnConfig, {"illegal": ["ill"], "innocent": ["inn"], "steps": 0, "progress": False,
+                                      "chunk": 16, "user": {"lr": 1e-2, "batch_size": 16},
+                                      "mask": {"budget": budget, "budget_by": "params", "temperature": 0.2}})
+    learner = MaskLearner(model, task, task.domains(), cfg)
+    # at the start every m = rho < 1/2: nothing of the export is hard, the logits are all equal
+    c = learner.convergence()
+    assert c["agreement"] == 0.0 and not c["converged"] and c["spread"] == 0.0 and c["margin"] == 0.0
+    # a split soft mask: the four illegal tensors at +1, the rest at -1 (5 T either side)
+    idx = learner.layout.index()
+    with torch.no_grad():
+        for n in sizes:
+            learner.logits[idx[n]] = 1.0 if n in ILLEGAL_TENSORS else -1.0
+    mask = learner.export_mask()
+    assert mask.frozen_set == ILLEGAL_TENSORS
+    c = learner.convergence(mask)
+    assert c["agreement"] == 1.0 and c["converged"]
+    assert c["margin"] == pytest.approx(10.0) and c["spread"] == pytest.approx(10.0)
+    # half of the frozen parameters soft-unfrozen: agreement counts parameters, not tensors
+    with torch.no_grad():
+        learner.logits[idx["ill1.weight"]] = -0.5
+    c = learner.convergence(mask)
+    assert c["agreement"] == pytest.approx((280 - 128) / 280) and not c["converged"]
+    json.dumps(c, allow_nan=False)  # goes into manifests as strict JSON
+
+
 # ------------------------------------------------------------------------------------ the UNet
 @pytest.fixture(scope="module")
 def tiny():
