@@ -32,6 +32,7 @@ class Plan:
     user_steps: int = 100
     curve_at: tuple[int, ...] = (25, 50, 100, 200)
     lr_sweep: tuple[float, ...] = (3e-4,)  # 3x the service's lr (an adaptive user); full and learned
+    lr_sweep_legal: bool = False  # also run the sweep on the legal domain (legal impact at that lr; +12 jobs)
     lora_lrs: tuple[float, ...] = (1e-3,)  # LoRA at 10x the full-fine-tuning lr, as LoRA is usually run
     # evaluation
     samples: int = 200
@@ -133,7 +134,8 @@ def jobs(plan: Plan, settings, mask_path, user_seeds: tuple[int, ...] | None = N
                         add(st, dom, role, label, spec, eval_at, seed, tags=("curve",))
                     else:
                         add(st, dom, role, label, spec, (u,), seed)
-                for lr in plan.lr_sweep:  # the learning-rate sweep at the headline budget
+                for lr in plan.lr_sweep if role == "illegal" or plan.lr_sweep_legal else ():
+                    # the learning-rate sweep at the headline budget
                     add(st, dom, role, "full", None, (u,), seed, lr=lr, tags=("lr",))
                     for label, spec, _ in specs:
                         if is_headline(label, spec) and label == "learned":

@@ -246,11 +246,13 @@ def markdown(res: dict[str, Any], summ: dict[str, Any]) -> str:
                 L.append(f"| {lb} | " + " | ".join(f"{100 * w[c]['share']:.0f}%" if c in w else "" for c in cats) + " |")
             L.append("")
         if s.get("convergence"):
-            L += ["### Did the learned soft masks converge? (share of the exported frozen parameters with m > 1/2; "
-                  "logits' spread in units of T)", "", "| mask | agreement | spread | converged |", "|---|---|---|---|"]
+            L += ["### Did the learned soft masks converge?", "",
+                  "Agreement: share of the exported frozen parameters with soft m > 1/2. Decisive: share of all "
+                  "parameters with m < 0.1 or m > 0.9. Spread: the logits' max - min in units of T.", "",
+                  "| mask | agreement | decisive | spread | converged |", "|---|---|---|---|---|"]
             for lb, c in sorted(s["convergence"].items()):
-                L.append(f"| {lb} | {100 * c['agreement']:.0f}% | {c['spread']:.2f} T | "
-                         f"{'yes' if c['converged'] else 'no'} |")
+                L.append(f"| {lb} | {100 * c['agreement']:.0f}% | {100 * c.get('decisive', 0.0):.0f}% | "
+                         f"{c['spread']:.2f} T | {'yes' if c['converged'] else 'no'} |")
             L.append("")
     L += ["Curves: `curves_<setting>.png`; samples: `samples_<setting>.png`.", ""]
     return "\n".join(L)

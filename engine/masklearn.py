@@ -360,12 +360,16 @@ class MaskLearner:
         """How far the soft mask is from the hard one that is exported.
 
         The export is a top-k over the logits; it means something only where the soft mask has
-        split into m near 1 and m near 0. Returned: ``agreement``, the share of the exported
-        frozen parameters whose soft m > 1/2 (1.0 when the hard mask already is the export);
-        ``margin``, the gap between the lowest frozen and the highest unfrozen logit in units of
-        the temperature (tiny: the export ranks noise; negative where the greedy parameter fill
-        skipped a tensor that did not fit; None when nothing or everything is frozen); ``spread``, the logits'
-        max - min in units of T; ``converged`` = agreement >= 0.9.
+        split into m near 1 and m near 0. Returned (shares count parameters):
+
+        * ``agreement``: share of the exported frozen parameters whose soft m > 1/2;
+        * ``decisive``: share of all parameters whose m < 0.1 or m > 0.9 (near binary);
+        * ``margin``: lowest frozen minus highest unfrozen logit, in units of T (tiny: the export
+          ranks noise; negative where the greedy parameter fill skipped a tensor that did not
+          fit; None when nothing or everything is frozen);
+        * ``spread``: the logits' max - min in units of T;
+        * ``converged``: agreement >= 0.9 and decisive >= 0.9. (At a budget of 1/2 every m starts
+          at 1/2, so agreement alone is met by any logits just above their start.)
         """
         mask = mask if mask is not None else self.export_mask()
         t = self.cfg.mask.temperature
@@ -376,10 +380,12 @@ class MaskLearner:
         m = {n: 1.0 / (1.0 + math.exp(-v / t)) for n, v in sc.items()}
         fp = sum(sizes[n] for n in frozen)
         agreement = sum(sizes[n] for n in frozen if m[n] > 0.5) / fp if fp else 1.0
+        decisive = sum(sizes[n] for n in sc if not 0.1 <= m[n] <= 0.9) / sum(sizes.values())
         margin = (min(sc[n] for n in frozen) - max(sc[n] for n in free)) / t if frozen and free else None
         vals = list(sc.values())
-        return {"agreement": agreement, "margin": margin, "spread": (max(vals) - min(vals)) / t,
-                "converged": agreement >= 0.9, **self.mask_stats()}
+        return {"agreement": agreement, "decisive": decisive, "margin": margin,
+                "spread": (max(vals) - min(vals)) / t, "converged": agreement >= 0.9 and decisive >= 0.9,
+                **self.mask_stats()}
 
     def loss_summary(self, window: int = 10) -> dict[str, Any]:
         h = self.history

@@ -8,7 +8,7 @@ from freezeasguard.engine.encode import encode_text
 from freezeasguard.engine.models import Components
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(c: Components, prompts: list[str], *, steps: int = 30, guidance: float = 1.0,
              seed: int = 0, batch_size: int = 64, device: torch.device | str | None = None,
              progress: bool = False) -> torch.Tensor:

@@ -114,7 +114,8 @@ def test_convergence_reports_how_far_the_soft_mask_is_from_the_export():
     learner = MaskLearner(model, task, task.domains(), cfg)
     # at the start every m = rho < 1/2: nothing of the export is hard, the logits are all equal
     c = learner.convergence()
-    assert c["agreement"] == 0.0 and not c["converged"] and c["spread"] == 0.0 and c["margin"] == 0.0
+    assert c["agreement"] == 0.0 and c["decisive"] == 0.0 and not c["converged"]
+    assert c["spread"] == 0.0 and c["margin"] == 0.0
     # a split soft mask: the four illegal tensors at +1, the rest at -1 (5 T either side)
     idx = learner.layout.index()
     with torch.no_grad():
@@ -123,13 +124,19 @@ def test_convergence_reports_how_far_the_soft_mask_is_from_the_export():
     mask = learner.export_mask()
     assert mask.frozen_set == ILLEGAL_TENSORS
     c = learner.convergence(mask)
-    assert c["agreement"] == 1.0 and c["converged"]
+    assert c["agreement"] == 1.0 and c["decisive"] == 1.0 and c["converged"]
     assert c["margin"] == pytest.approx(10.0) and c["spread"] == pytest.approx(10.0)
     # half of the frozen parameters soft-unfrozen: agreement counts parameters, not tensors
     with torch.no_grad():
         learner.logits[idx["ill1.weight"]] = -0.5
     c = learner.convergence(mask)
     assert c["agreement"] == pytest.approx((280 - 128) / 280) and not c["converged"]
+    # logits just above their start at a budget of 1/2: the right tensors, but not a converged mask
+    with torch.no_grad():
+        for n in sizes:
+            learner.logits[idx[n]] = 0.01 if n in ILLEGAL_TENSORS else -0.01
+    c = learner.convergence(mask)
+    assert c["agreement"] == 1.0 and c["decisive"] == 0.0 and not c["converged"]
     json.dumps(c, allow_nan=False)  # goes into manifests as strict JSON
 
 
