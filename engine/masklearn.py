@@ -377,7 +377,7 @@ class MaskLearner:
         sizes = dict(zip(mask.names, mask.numels))
         frozen = [n for n in sc if n in mask.frozen_set]
         free = [n for n in sc if n not in mask.frozen_set]
-        m = {n: 1.0 / (1.0 + math.exp(-v / t)) for n, v in sc.items()}
+        m = {n: 0.5 * (1.0 + math.tanh(v / (2.0 * t))) for n, v in sc.items()}  # sigmoid, no overflow
         fp = sum(sizes[n] for n in frozen)
         agreement = sum(sizes[n] for n in frozen if m[n] > 0.5) / fp if fp else 1.0
         decisive = sum(sizes[n] for n in sc if not 0.1 <= m[n] <= 0.9) / sum(sizes.values())

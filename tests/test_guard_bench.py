@@ -70,6 +70,20 @@ def test_quick_suite_end_to_end(tmp_path, monkeypatch):
     again = json.loads((out2 / "guard.json").read_text())
     assert again["summary"]["settings"]["same"]["headline"] == res["summary"]["settings"]["same"]["headline"]
 
+    # the logit-optimizer diagnostic runs on the suite's base
+    from guard_optim import main as optim_main
+
+    out3 = tmp_path / "optim"
+    assert optim_main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out3), "--workers", "1"]) == 0
+    rows = json.loads((out3 / "mask_optimizers.json").read_text())["rows"]
+    assert {(r["setting"], r["steps"]) for r in rows} == {("same", 20), ("diff", 20)}
+    for r in rows:
+        assert 0.0 <= r["mean_m"] <= 1.0 and r["logits"]["min"] <= r["logits"]["median"] <= r["logits"]["max"]
+        assert r["variant"]["bootstrap_steps"] == 0 and 0.0 <= r["convergence"]["decisive"] <= 1.0
+    assert "SGD lr 1" in (out3 / "mask_optimizers.md").read_text()
+    with pytest.raises(SystemExit, match="no base model"):
+        optim_main(["--quick", "--work", str(tmp_path / "nothing"), "--out", str(out3)])
+
 
 def test_world_from_an_image_folder_keeps_targets_out_of_pretraining(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))

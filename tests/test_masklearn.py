@@ -138,6 +138,12 @@ def test_convergence_reports_how_far_the_soft_mask_is_from_the_export():
     c = learner.convergence(mask)
     assert c["agreement"] == 1.0 and c["decisive"] == 0.0 and not c["converged"]
     json.dumps(c, allow_nan=False)  # goes into manifests as strict JSON
+    # diverged logits (a large SGD lr) are reported, not an overflow
+    with torch.no_grad():
+        learner.logits[idx["trunk.weight"]] = -2e5
+        learner.logits[idx["ill1.weight"]] = 3e4
+    c = learner.convergence(mask)
+    assert c["spread"] == pytest.approx(2.3e5 / 0.2) and 0.0 <= c["decisive"] <= 1.0
 
 
 # ------------------------------------------------------------------------------------ the UNet
