@@ -9,6 +9,7 @@ optimizer runs); the Triton kernel itself (``triton_flat``, CUDA only); bitsandb
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 
@@ -81,6 +82,16 @@ def profiled_cuda_kernels(fn) -> int | None:
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     except Exception:  # profiler unavailable (no CUPTI): report unknown, do not fail the timing
         return None
+
+
+def record_timing(benchmark, info: dict, bytes_per_step: float) -> None:
+    """Add the median step time and the bandwidth it implies to a benchmark's extra info
+    (nothing when pytest-benchmark ran disabled)."""
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:  # None when disabled
+        median = stats.stats.median
+        info["median_ms"] = median * 1e3
+        info["gb_per_s"] = bytes_per_step / median / 1e9 if median > 0 else math.nan
 
 
 def make_step(provider: str, tensors: list[tuple[int, bool]]):

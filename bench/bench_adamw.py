@@ -17,7 +17,6 @@ dtypes, element and tensor counts, torch/triton versions.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -31,7 +30,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adamw_cases import (DEVICE, FRACTIONS, PROVIDERS, ROUNDS, TOTAL, WARMUP, layout,  # noqa: E402
+from adamw_cases import (DEVICE, FRACTIONS, PROVIDERS, ROUNDS, TOTAL, WARMUP, layout, record_timing,  # noqa: E402
                          make_step, profiled_cuda_kernels, skip_reason, sync)
 from freezeasguard.engine.backends import triton_backend  # noqa: E402
 
@@ -76,8 +75,4 @@ def test_adamw_step(benchmark, provider: str, frac: float) -> None:
         torch=torch.__version__,
         triton=triton_backend().version,
     )
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:  # None when disabled
-        median = stats.stats.median
-        info["median_ms"] = median * 1e3
-        info["gb_per_s"] = n * bpe / median / 1e9 if median > 0 else math.nan
+    record_timing(benchmark, info, n * bpe)

@@ -18,7 +18,6 @@ are taken; profiled CUDA kernels for both providers on CUDA); device; versions.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adamw_cases import layout, profiled_cuda_kernels, sync  # noqa: E402
+from adamw_cases import layout, profiled_cuda_kernels, record_timing, sync  # noqa: E402
 from freezeasguard.engine.backends import triton_backend  # noqa: E402
 from freezeasguard.engine.mask_flat import FlatLayout  # noqa: E402
 from freezeasguard.kernels.mask_update import bilevel_step_, bytes_moved, launch_config  # noqa: E402
@@ -104,8 +103,4 @@ def test_bilevel_step(benchmark, state, provider: str, mode: str) -> None:
         torch=torch.__version__,
         triton=triton_backend().version,
     )
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:  # None when disabled
-        median = stats.stats.median
-        info["median_ms"] = median * 1e3
-        info["gb_per_s"] = moved / median / 1e9 if median > 0 else math.nan
+    record_timing(benchmark, info, moved)

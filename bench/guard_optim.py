@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import multiprocessing as mp
 import sys
 import time
@@ -99,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
 
+    from common import conditions, conditions_markdown
     from guard_plan import DEFAULT
 
     from freezeasguard.engine.io import atomic_write_json, atomic_write_text
@@ -120,11 +120,13 @@ def main(argv: list[str] | None = None) -> int:
                 rows += fut.result()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    cond = conditions(workers=min(args.workers, len(jobs)), threads_per_worker=1, base=str(base_dir))
     res = {"budget": DEFAULT.headline, "steps": steps, "user": {"lr": DEFAULT.user_lr, "batch": DEFAULT.user_batch},
-           "rows": rows, "wall_seconds": time.perf_counter() - t0, "command": " ".join(sys.argv)}
+           "rows": rows, "wall_seconds": time.perf_counter() - t0, "conditions": cond}
+    md = markdown(rows, DEFAULT.headline) + "\n" + conditions_markdown(cond) + "\n"
     atomic_write_json(out / "mask_optimizers.json", res)
-    atomic_write_text(out / "mask_optimizers.md", markdown(rows, DEFAULT.headline))
-    print(markdown(rows, DEFAULT.headline))
+    atomic_write_text(out / "mask_optimizers.md", md)
+    print(md)
     print(f"written: {out / 'mask_optimizers.json'}, {out / 'mask_optimizers.md'} ({res['wall_seconds']:.0f} s)")
     return 0
 

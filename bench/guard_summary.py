@@ -251,7 +251,8 @@ def markdown(res: dict[str, Any], summ: dict[str, Any]) -> str:
                   "parameters with m < 0.1 or m > 0.9. Spread: the logits' max - min in units of T.", "",
                   "| mask | agreement | decisive | spread | converged |", "|---|---|---|---|---|"]
             for lb, c in sorted(s["convergence"].items()):
-                L.append(f"| {lb} | {100 * c['agreement']:.0f}% | {100 * c.get('decisive', 0.0):.0f}% | "
+                dec = f"{100 * c['decisive']:.0f}%" if "decisive" in c else "n/a"  # masks cached before it existed
+                L.append(f"| {lb} | {100 * c['agreement']:.0f}% | {dec} | "
                          f"{c['spread']:.2f} T | {'yes' if c['converged'] else 'no'} |")
             L.append("")
     L += ["Curves: `curves_<setting>.png`; samples: `samples_<setting>.png`.", ""]

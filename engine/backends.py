@@ -46,9 +46,36 @@ def triton_backend() -> Backend:
     ver = getattr(mod, "__version__", None)
     if torch.cuda.is_available():
         return Backend("triton", True, ver, "CUDA device present")
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreting():
         return Backend("triton", True, ver, "CPU interpreter (TRITON_INTERPRET=1): correct but slow")
     return Backend("triton", False, ver, "no CUDA device and TRITON_INTERPRET is not 1")
+
+
+def triton_interpreting() -> bool:
+    """Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_blocker(device: torch.device, tb: Backend) -> str | None:
+    """Why Triton kernels cannot run on buffers on ``device`` (None when they can)."""
+    if not tb.available:
+        return tb.reason
+    if device.type != "cuda" and not triton_interpreting():
+        return f"tensors are on {device} and TRITON_INTERPRET is not 1"
+    return None
+
+
+def triton_requested_error(what: str, why: str) -> RuntimeError:
+    """The error of a kernel whose 'triton' backend was asked for but cannot run."""
+    return RuntimeError(
+        f"{what} backend 'triton' requested but it cannot run: {why}. Move the buffers to a CUDA "
+        "device, set TRITON_INTERPRET=1 before importing triton (slow, CPU testing only), or use "
+        "backend='auto'/'torch'.")
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): Triton block sizes."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 def triton_importable() -> bool:

@@ -34,12 +34,12 @@ bound, so the extra ALU work is free.
 from __future__ import annotations
 
 import math
-import os
 from typing import Literal
 
 import torch
 
-from freezeasguard.engine.backends import triton_backend, triton_importable
+from freezeasguard.engine.backends import (next_pow2, triton_backend, triton_blocker, triton_importable,
+                                           triton_interpreting, triton_requested_error)
 
 __all__ = [
     "AdamWInputError",
@@ -125,10 +125,6 @@ if triton_importable():
         tl.store(v_ptr + offs, v, mask=mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def launch_config(n: int, device: torch.device) -> tuple[int, int, bool]:
     """Deterministic launch shape for an ``n``-element buffer (no autotuning).
 
@@ -136,17 +132,13 @@ def launch_config(n: int, device: torch.device) -> tuple[int, int, bool]:
         ``(BLOCK, num_warps, int64_offsets)``. Under the interpreter the block grows with n (up
         to 2**16) because its cost is per program; on CUDA it is fixed.
     """
-    if device.type == "cuda" and not _interpreting():
+    if device.type == "cuda" and not triton_interpreting():
         block, warps = _CUDA_BLOCK, _CUDA_WARPS
     else:
-        block, warps = min(_INTERP_BLOCK, _next_pow2(max(n, 1))), 1
+        block, warps = min(_INTERP_BLOCK, next_pow2(max(n, 1))), 1
     # The last program's offsets reach ceil(n / BLOCK) * BLOCK - 1.
     int64 = math.ceil(n / block) * block >= _INT32_LIMIT
     return block, warps, int64
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def bytes_per_element(param_dtype: torch.dtype, grad_dtype: torch.dtype) -> int:
@@ -271,21 +263,12 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be 'auto', 'triton', 'torch' or 'torch_fused', got {backend!r}")
     if backend in ("torch", "torch_fused"):
         return backend
-    tb = triton_backend()
-    runnable = tb.available and (device.type == "cuda" or _interpreting())
-    if runnable:
+    why = triton_blocker(device, triton_backend())
+    if why is None:
         return "triton"
     if backend == "auto":
         return "torch"
-    if not tb.available:
-        why = tb.reason
-    else:
-        why = f"tensors are on {device} and TRITON_INTERPRET is not 1"
-    raise RuntimeError(
-        f"AdamW backend 'triton' requested but it cannot run: {why}. Move the buffers to a "
-        "CUDA device, set TRITON_INTERPRET=1 before importing triton (slow, CPU testing "
-        "only), or use backend='auto'/'torch'."
-    )
+    raise triton_requested_error("AdamW", why)
 
 
 def fused_adamw_(

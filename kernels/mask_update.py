@@ -45,13 +45,14 @@ never straddles two programs.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from freezeasguard.engine.backends import triton_backend, triton_importable
+from freezeasguard.engine.backends import (next_pow2, triton_backend, triton_blocker, triton_importable,
+                                           triton_requested_error)
+from freezeasguard.engine.backends import triton_interpreting as _interpreting
 from freezeasguard.engine.mask_flat import bilevel_step_ref_, segment_sum_rows
 
 __all__ = [
@@ -159,14 +160,6 @@ if triton_importable():
             tl.store(rowdot_ptr + r, tl.sum(acc, axis=1), mask=row_ok)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 @dataclass(frozen=True)
 class LaunchConfig:
     """Launch shape of one bilevel step: programs cover ``rows_per_program`` whole rows, each
@@ -192,8 +185,8 @@ def launch_config(chunk: int, rows: int, device: torch.device) -> LaunchConfig:
     """
     cap = _CUDA_TILE if device.type == "cuda" and not _interpreting() else _INTERP_TILE
     warps = _CUDA_WARPS if cap == _CUDA_TILE else 1
-    tile = min(_next_pow2(chunk), cap)
-    rows_per_program = max(1, min(cap // tile, _next_pow2(rows)))
+    tile = min(next_pow2(chunk), cap)
+    rows_per_program = max(1, min(cap // tile, next_pow2(rows)))
     # The largest offset touched is (rows_rounded_up - 1) * chunk + tiles * tile - 1.
     programs = math.ceil(rows / rows_per_program)
     span = programs * rows_per_program * chunk + math.ceil(chunk / tile) * tile
@@ -235,14 +228,10 @@ def resolve_backend(backend: str, device: torch.device) -> Literal["triton", "to
     tb = triton_backend()
     if backend == "auto":
         return "triton" if tb.available and device.type == "cuda" and not _interpreting() else "torch"
-    if tb.available and (device.type == "cuda" or _interpreting()):
+    why = triton_blocker(device, tb)
+    if why is None:
         return "triton"
-    why = tb.reason if not tb.available else f"tensors are on {device} and TRITON_INTERPRET is not 1"
-    raise RuntimeError(
-        f"bilevel step backend 'triton' requested but it cannot run: {why}. Move the buffers to a "
-        "CUDA device, set TRITON_INTERPRET=1 before importing triton (slow, CPU testing only), "
-        "or use backend='auto'/'torch'."
-    )
+    raise triton_requested_error("bilevel step", why)
 
 
 def _check_flat(name: str, t: object, n: int | None, device: torch.device | None) -> None:
