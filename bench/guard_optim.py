@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += fut.result()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cond = conditions(workers=min(args.workers, len(jobs)), threads_per_worker=1, base=str(base_dir))
+    cond = conditions(torch_threads=1, workers=min(args.workers, len(jobs)), base=str(base_dir))  # 1 per worker
     res = {"budget": DEFAULT.headline, "steps": steps, "user": {"lr": DEFAULT.user_lr, "batch": DEFAULT.user_batch},
            "rows": rows, "wall_seconds": time.perf_counter() - t0, "conditions": cond}
     md = markdown(rows, DEFAULT.headline) + "\n" + conditions_markdown(cond) + "\n"
