@@ -30,9 +30,23 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adamw_cases import (DEVICE, FRACTIONS, PROVIDERS, ROUNDS, TOTAL, WARMUP, layout, record_timing,  # noqa: E402
-                         make_step, profiled_cuda_kernels, skip_reason, sync)
-from freezeasguard.engine.backends import triton_backend  # noqa: E402
+from adamw_cases import (  # noqa: E402
+    DEVICE,
+    FRACTIONS,
+    PROVIDERS,
+    ROUNDS,
+    TOTAL,
+    WARMUP,
+    layout,
+    make_step,
+    profiled_cuda_kernels,
+    record_timing,
+    skip_reason,
+    sync,
+)
+
+from freezeasguard.engine.backends import triton_backend
+
 
 @pytest.mark.parametrize("frac", FRACTIONS, ids=lambda f: f"trainable{f:g}")
 @pytest.mark.parametrize("provider", PROVIDERS)

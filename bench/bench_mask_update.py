@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adamw_cases import layout, profiled_cuda_kernels, record_timing, sync  # noqa: E402
-from freezeasguard.engine.backends import triton_backend  # noqa: E402
-from freezeasguard.engine.mask_flat import FlatLayout  # noqa: E402
+
+from freezeasguard.engine.backends import triton_backend
+from freezeasguard.engine.learn.flat import FlatLayout
 from freezeasguard.kernels.mask_update import bilevel_step_, bytes_moved, launch_config  # noqa: E402
 
 SD15_NUMEL = 859_520_964

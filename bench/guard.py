@@ -89,13 +89,13 @@ def main(argv: list[str]) -> int:
 
 def run_suite(plan, args, work: Path, progress: bool) -> dict[str, Any]:
     """Every stage of the suite; returns the raw results (runs, masks, world, recogniser)."""
+    from efficacy import load_recogniser, save_recogniser, train_recogniser
     from guard_masks import MaskMaker
     from guard_plan import jobs, mask_specs
     from guard_setup import build_world, pretrain_base
     from guard_users import Context, Runner
 
-    from freezeasguard.engine.efficacy import load_recogniser, save_recogniser, train_recogniser
-    from freezeasguard.engine.models import load_components
+    from freezeasguard.engine.model.components import load_components
 
     world_kw: dict[str, Any] = {}
     if args.data:
@@ -217,7 +217,7 @@ def _mask_worker(job) -> int:
     from guard_masks import MaskMaker
     from guard_setup import build_world
 
-    from freezeasguard.engine.models import load_components
+    from freezeasguard.engine.model.components import load_components
 
     world = build_world(**world_kw)
     setting = next(s for s in world.settings if s.name == name)
@@ -231,7 +231,7 @@ def _mask_worker(job) -> int:
 def _mask_stats(mask, unet) -> dict[str, Any]:
     from guard_summary import where_frozen
 
-    from freezeasguard.engine.mask import FreezeMask
+    from freezeasguard.engine.guard.mask import FreezeMask
 
     if isinstance(mask, FreezeMask):
         st = mask.stats()
@@ -247,8 +247,9 @@ def _mask_stats(mask, unet) -> dict[str, Any]:
 
 def _evaluate_base(world, base, rec_dir: Path, plan) -> dict[str, Any]:
     """The base model's recognition rate for each domain's prompt (before any user)."""
-    from freezeasguard.engine.efficacy import load_recogniser, recognise
-    from freezeasguard.engine.sampling import generate
+    from efficacy import load_recogniser, recognise
+
+    from freezeasguard.engine.model.sampling import generate
 
     rec, report = load_recogniser(rec_dir)
     out = {}

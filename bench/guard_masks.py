@@ -18,17 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from realdata import concat
+from rowmask import RowMask, RowMaskLearner
 
 from freezeasguard.engine.config import from_dict
-from freezeasguard.engine.data import ImageDataset
-from freezeasguard.engine.encode import encode_dataset
-from freezeasguard.engine.mask import FreezeMask
-from freezeasguard.engine.mask_baselines import magnitude_mask, saliency_mask
-from freezeasguard.engine.mask_groups import RowMask, RowMaskLearner
-from freezeasguard.engine.mask_pipeline import DiffusionTask, bootstrap_finetune
-from freezeasguard.engine.masklearn import MaskLearnConfig, MaskLearner
-from freezeasguard.engine.models import Components
-from freezeasguard.engine.realdata import concat
+from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.learn.baselines import magnitude_mask, saliency_mask
+from freezeasguard.engine.learn.config import MaskLearnConfig
+from freezeasguard.engine.learn.diagnostics import convergence, loss_summary
+from freezeasguard.engine.learn.learner import MaskLearner
+from freezeasguard.engine.learn.pipeline import DiffusionTask, bootstrap_finetune
+from freezeasguard.engine.model.components import Components
+from freezeasguard.engine.model.data import ImageDataset
+from freezeasguard.engine.model.encode import encode_dataset
 
 log = logging.getLogger("freezeasguard")
 
@@ -154,10 +156,10 @@ class MaskMaker:
             mask = saliency_mask(learner, spec.budget, spec.by)
         elif spec.source == "learned":
             learner.fit()
-            info["loss_summary"] = learner.loss_summary()
+            info["loss_summary"] = loss_summary(learner)
             mask = learner.export_rows() if spec.granularity == "rows" else learner.export_mask()
             if spec.granularity == "tensors":
-                info["convergence"] = learner.convergence(mask)
+                info["convergence"] = convergence(learner, mask)
         else:
             raise ValueError(f"unknown mask source {spec.source!r}")
         return mask, info
@@ -167,7 +169,7 @@ class MaskMaker:
         """theta_user - theta_base of a full fine-tune on the *user's* illegal and legal data."""
         import tempfile
 
-        from freezeasguard.engine.userft import UserBudget, user_trainer
+        from simusers import UserBudget, user_trainer
 
         out = {}
         for role, dom in (("illegal", self.setting.illegal), ("legal", self.setting.legal)):
@@ -187,7 +189,7 @@ class MaskMaker:
         score of a group is its share of the illegal update's squared norm minus its share of the
         legal update's, per parameter.
         """
-        from freezeasguard.engine.mask_groups import groups_of
+        from rowmask import groups_of
 
         d = self.user_deltas(spec.seed)
         tot = {r: sum(float(v.square().sum()) for v in d[r].values()) for r in d}

@@ -6,7 +6,7 @@
 For each setting of the default suite, learns the headline mask (30% of parameters) from the
 default base with the simulated user starting at the base, under several logit optimizers, and
 reports the soft mask's state at the end: mean(m) against the budget, the shares of tensors and
-parameters with m > 1/2, the logits' range and ``MaskLearner.convergence()``. Writes
+parameters with m > 1/2, the logits' range and ``learn.diagnostics.convergence``. Writes
 ``mask_optimizers.json`` and ``mask_optimizers.md`` under ``--out`` (default:
 ``bench/results/guard/``). The two settings run in parallel, one single-threaded process each.
 """
@@ -46,7 +46,8 @@ def _setting_worker(args: tuple[str, str, list, int, float]) -> list[dict[str, A
     from guard_plan import DEFAULT
     from guard_setup import build_world
 
-    from freezeasguard.engine.models import load_components
+    from freezeasguard.engine.learn.diagnostics import convergence
+    from freezeasguard.engine.model.components import load_components
 
     world = build_world()
     setting = {s.name: s for s in world.settings}[setting_name]
@@ -63,7 +64,7 @@ def _setting_worker(args: tuple[str, str, list, int, float]) -> list[dict[str, A
         rows.append({"setting": setting_name, "label": label, "variant": spec.variant,
                      "steps": learner.step, "seconds": time.perf_counter() - t0, **learner.mask_stats(),
                      "logits": {"min": float(x.min()), "median": float(x.median()), "max": float(x.max())},
-                     "convergence": learner.convergence()})
+                     "convergence": convergence(learner)})
         print(f"[{setting_name}] {label}: {learner.step} steps in {rows[-1]['seconds']:.0f} s, "
               f"mean(m) {rows[-1]['mean_m']:.3g}", flush=True)
     return rows

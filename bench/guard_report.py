@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from efficacy import Stat, mitigation, steps_to_reach
 
-from freezeasguard.engine.efficacy import Stat, mitigation, steps_to_reach
 from freezeasguard.engine.io import atomic_write_bytes
 
 METRICS = ("rate", "mean_prob", "heldout_loss")

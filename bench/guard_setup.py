@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from efficacy import stratified_split
+from realdata import concat, has_lfw, lfw_dataset, photo_crops_dataset
 
-from freezeasguard.engine.data import ImageDataset, digits_dataset, load_image_folder
-from freezeasguard.engine.diffusion import NoiseSchedule
-from freezeasguard.engine.efficacy import stratified_split
-from freezeasguard.engine.models import (Components, Preset, build_text_encoder, build_tokenizer, build_unet,
-                                         caption_words, load_components, save_components)
-from freezeasguard.engine.realdata import concat, has_lfw, lfw_dataset, photo_crops_dataset
+from freezeasguard.engine.model.components import Components, load_components, save_components
+from freezeasguard.engine.model.data import ImageDataset, digits_dataset, load_image_folder
+from freezeasguard.engine.model.diffusion import NoiseSchedule
+from freezeasguard.engine.model.presets import Preset, build_text_encoder, build_unet
+from freezeasguard.engine.model.tokenizer import build_tokenizer, caption_words
 
 log = logging.getLogger("freezeasguard")
 
@@ -180,7 +181,9 @@ def pretrain_base(world: World, out: Path, *, steps: int, batch_size: int, lr: f
     """
     import math
 
-    from freezeasguard.engine.train import diffusion_loss, param_groups, step_generator
+    from freezeasguard.engine.model.diffusion import diffusion_loss
+    from freezeasguard.engine.optim.groups import param_groups
+    from freezeasguard.engine.train.batches import step_generator
 
     recipe = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "preset": preset.unet,
               "text_encoder": "trained" if train_text_encoder else "frozen", "noise": "linear 1e-4..0.02, v-prediction", "schedule": "warmup100-cosine0.1",

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from guard_report import (Table, compare, curve_stats, jsonable, plot_curves, sample_grid, steps_to_half)
+from guard_report import Table, compare, curve_stats, jsonable, plot_curves, sample_grid, steps_to_half
 
 TARGETS = {"mitigation": 0.40, "vs_random": 1.3, "legal_impact": 0.05}
 
@@ -35,7 +35,7 @@ def category(name: str) -> str:
 
 def where_frozen(mask, unet) -> dict[str, dict[str, float]]:
     """Frozen parameters per kind of tensor (where the mask puts its budget)."""
-    from freezeasguard.engine.mask import FreezeMask
+    from freezeasguard.engine.guard.mask import FreezeMask
 
     out: dict[str, dict[str, float]] = {}
     for n, p in unet.named_parameters():
@@ -173,7 +173,7 @@ _COLS = [("condition", "condition"), ("frozen_params", "frozen params"), ("froze
 
 
 def _fmt(key: str, v: Any) -> str:
-    from freezeasguard.engine.efficacy import Stat
+    from efficacy import Stat
 
     if isinstance(v, Stat):
         if key.startswith("loss"):

@@ -85,10 +85,10 @@ def _init(ctx: Context) -> None:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("freezeasguard").setLevel(logging.WARNING)
+    from efficacy import load_recogniser
     from guard_setup import build_world
 
-    from freezeasguard.engine.efficacy import load_recogniser
-    from freezeasguard.engine.models import load_components
+    from freezeasguard.engine.model.components import load_components
 
     _STATE["world"] = build_world(**ctx.world)
     _STATE["base"] = load_components(ctx.base)
@@ -97,12 +97,13 @@ def _init(ctx: Context) -> None:
 
 def run_job(job: Job) -> dict[str, Any]:
     """Fine-tune, evaluating at each of ``job.eval_at``; returns the curve (and images)."""
-    from freezeasguard.engine.efficacy import heldout_loss, recognise
-    from freezeasguard.engine.encode import encode_dataset
-    from freezeasguard.engine.mask import FreezeMask
-    from freezeasguard.engine.mask_groups import RowMask
-    from freezeasguard.engine.sampling import generate
-    from freezeasguard.engine.userft import UserBudget, user_trainer
+    from efficacy import heldout_loss, recognise
+    from rowmask import RowMask
+    from simusers import UserBudget, user_trainer
+
+    from freezeasguard.engine.guard.mask import FreezeMask
+    from freezeasguard.engine.model.encode import encode_dataset
+    from freezeasguard.engine.model.sampling import generate
 
     world, base = _STATE["world"], _STATE["base"]
     rec, report = _STATE["rec"]

@@ -10,7 +10,7 @@
 Every suite trains the same model on the same data, mask, batch and seed in each mode and
 interleaves their steps (one step of each mode in turn), so host noise hits all modes alike;
 times are medians over the timed steps after warm-up, reported as ratios to full fine-tuning.
-Memory is the exact ledger (engine/ledger.py) at the step's peak point: weights by dtype,
+Memory is the exact ledger (engine/train/ledger.py) at the step's peak point: weights by dtype,
 gradients, optimizer state and activations saved for backward.
 """
 from __future__ import annotations
@@ -27,11 +27,12 @@ from typing import Any
 import torch
 
 from freezeasguard.engine.config import resolve
-from freezeasguard.engine.data import digits_dataset
-from freezeasguard.engine.manifest import Manifest
-from freezeasguard.engine.mask import FreezeMask
-from freezeasguard.engine.models import build_components, caption_words
-from freezeasguard.engine.train import Trainer
+from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.model.components import build_components
+from freezeasguard.engine.model.data import digits_dataset
+from freezeasguard.engine.model.tokenizer import caption_words
+from freezeasguard.engine.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import conditions, conditions_markdown, markdown_table, percentiles, write_results  # noqa: E402
@@ -134,7 +135,7 @@ def run_suite(scenarios: list[Scenario], args) -> list[dict[str, Any]]:
 def _energy_pass(scenarios: list[Scenario], trainers: dict, args) -> dict[str, Any]:
     """NVML per scenario (CUDA): device memory, utilisation, power, and energy over 20+ steps run
     back to back (energy windows cannot interleave). Elsewhere: why NVML is unavailable."""
-    from freezeasguard.engine.profiling import MIN_WINDOW_STEPS, NvmlSampler
+    from freezeasguard.engine.train.profiling import MIN_WINDOW_STEPS, NvmlSampler
 
     out: dict[str, Any] = {}
     for sc in scenarios:
@@ -201,9 +202,11 @@ OPT_COLUMNS = [("provider", "provider"), ("trainable", "trainable"), ("elements"
 def masklearn_main(args) -> int:
     """One mask-learning step (simulated-user step, mask step, and their 1:(every-1) cycle) vs one
     plain fine-tuning step of the same model and batch (issue goal: <= ~1.3x)."""
+    from step_cost import mask_step_cost
+
     from freezeasguard.engine.config import resolve as resolve_cfg
-    from freezeasguard.engine.mask_config import MaskLearnConfig
-    from freezeasguard.engine.mask_pipeline import build_learner, mask_step_cost
+    from freezeasguard.engine.learn.config import MaskLearnConfig
+    from freezeasguard.engine.learn.pipeline import build_learner
 
     dataset = digits_dataset(args.resolution, classes=list(range(max(args.classes, 3))))
     words = dataset.domain_names()

@@ -1,2 +1,30 @@
-"""freezeasguard engine: guarded fine-tuning of text-to-image diffusion models."""
+"""freezeasguard engine: guarded fine-tuning of text-to-image diffusion models.
+
+Subpackages, lowest layer first (a module imports only from layers below its own, and from its own
+subpackage):
+
+* ``errors``, ``config``, ``io``, ``backends`` -- and ``freezeasguard.kernels``;
+* ``model`` (presets, folders, data, encoders, schedules, sampling), ``guard`` (what is locked, how
+  it is enforced and proven), ``optim`` (the flat trainable buffer, parameter groups, optimizers);
+* ``train`` (trainer, checkpoints, distributed, ledger, profiling);
+* ``learn`` (mask learning) and ``service`` (guarded jobs);
+* ``cli`` (the console script; nothing imports it).
+"""
+import logging as _logging
+
+import torch as _torch
+
 __version__ = "0.1.0"
+
+
+def _quiet_optional_backends() -> None:
+    # diffusers imports xformers and bitsandbytes whenever they are installed. On a machine where
+    # they cannot run, both log import-time warnings (xformers: no CUDA extensions; bitsandbytes:
+    # no 4-bit CPU kernels from a hub) on every model load. `freezeasguard info` explains what
+    # each backend can do here; the engine says which attention and optimizer run when it runs.
+    if not _torch.cuda.is_available():
+        _logging.getLogger("xformers").setLevel(_logging.ERROR)
+    _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
+
+
+_quiet_optional_backends()

@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
-import os
 from dataclasses import dataclass
 
 import torch
+
+from freezeasguard.kernels._triton import status as triton_status
 
 
 @dataclass(frozen=True)
@@ -37,52 +38,11 @@ def _import(name: str):
         return None, f"import failed: {type(exc).__name__}: {exc}".splitlines()[0]
 
 
-@functools.lru_cache(maxsize=None)
 def triton_backend() -> Backend:
-    """Triton runs on CUDA, or on CPU through its interpreter (TRITON_INTERPRET=1)."""
-    mod, err = _import("triton")
-    if mod is None:
-        return Backend("triton", False, None, err)
-    ver = getattr(mod, "__version__", None)
-    if torch.cuda.is_available():
-        return Backend("triton", True, ver, "CUDA device present")
-    if triton_interpreting():
-        return Backend("triton", True, ver, "CPU interpreter (TRITON_INTERPRET=1): correct but slow")
-    return Backend("triton", False, ver, "no CUDA device and TRITON_INTERPRET is not 1")
-
-
-def triton_interpreting() -> bool:
-    """Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def triton_blocker(device: torch.device, tb: Backend) -> str | None:
-    """Why Triton kernels cannot run on buffers on ``device`` (None when they can)."""
-    if not tb.available:
-        return tb.reason
-    if device.type != "cuda" and not triton_interpreting():
-        return f"tensors are on {device} and TRITON_INTERPRET is not 1"
-    return None
-
-
-def triton_requested_error(what: str, why: str) -> RuntimeError:
-    """The error of a kernel whose 'triton' backend was asked for but cannot run."""
-    return RuntimeError(
-        f"{what} backend 'triton' requested but it cannot run: {why}. Move the buffers to a CUDA "
-        "device, set TRITON_INTERPRET=1 before importing triton (slow, CPU testing only), or use "
-        "backend='auto'/'torch'.")
-
-
-def next_pow2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1): Triton block sizes."""
-    return 1 << max(0, n - 1).bit_length()
-
-
-def triton_importable() -> bool:
-    """Triton imports (it may still be unable to run here: no CUDA and no interpreter), so kernel
-    modules can define their ``@triton.jit`` functions."""
-    tb = triton_backend()
-    return tb.available or tb.version is not None
+    """Triton runs on CUDA, or on CPU through its interpreter (TRITON_INTERPRET=1); the kernels
+    package probes it (``freezeasguard.kernels._triton``)."""
+    st = triton_status()
+    return Backend("triton", st.available, st.version, st.reason)
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,10 +69,6 @@ def xformers_backend() -> Backend:
 @functools.lru_cache(maxsize=None)
 def bitsandbytes_backend() -> Backend:
     """bitsandbytes 8-bit optimizers (it has a CPU backend since 0.45)."""
-    import logging
-
-    # bitsandbytes logs a warning about optional kernel hubs on import; it is not an error here.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     mod, err = _import("bitsandbytes")
     if mod is None:
         return Backend("bitsandbytes", False, None, err)

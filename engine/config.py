@@ -6,19 +6,22 @@ The resolved config is written next to every result (``to_dict``).
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import json
 import os
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key and what is wrong."""
+from freezeasguard.engine.errors import ConfigError
 
 
 @dataclass
@@ -87,8 +90,11 @@ class TrainConfig:
     """Seed of data order, noise and timesteps (step-indexed: resume is bit-exact)."""
     log_every: int = 1
     """Write a JSONL log row every N steps."""
-    checkpoint_every: int = 0
-    """Write a resumable checkpoint every N steps (0 = only at the end)."""
+    checkpoint_every: int | None = 0
+    """Write a resumable checkpoint every N steps and at the last step (0 = at the last step only;
+    null = never, e.g. for throwaway benchmark runs)."""
+    keep_checkpoints: int | None = None
+    """Keep only the newest N checkpoints (null = keep all)."""
     device: str = "auto"
     """'auto', 'cpu' or 'cuda[:i]'."""
     num_threads: int | None = None
@@ -144,6 +150,11 @@ class FinetuneConfig:
             (self.train.mixed_precision in ("fp32", "bf16"), "train.mixed_precision must be 'fp32' or 'bf16'"),
             (self.train.optimizer in ("adamw", "adamw8bit"), "train.optimizer must be 'adamw' or 'adamw8bit'"),
             (self.train.max_grad_norm is None or self.train.max_grad_norm > 0, "train.max_grad_norm must be > 0"),
+            (self.train.checkpoint_every is None or self.train.checkpoint_every >= 0,
+             "train.checkpoint_every must be >= 0 or null"),
+            (self.train.keep_checkpoints is None or self.train.keep_checkpoints >= 1,
+             "train.keep_checkpoints must be >= 1 or null"),
+            (self.train.log_every >= 1, "train.log_every must be >= 1"),
             (self.freeze.mode in ("full", "naive", "engine"), "freeze.mode must be full|naive|engine"),
             (self.freeze.budget_by in ("params", "tensors"), "freeze.budget_by must be 'params' or 'tensors'"),
             (self.freeze.ratio is None or 0.0 <= self.freeze.ratio <= 1.0, "freeze.ratio must be in [0, 1]"),
@@ -261,8 +272,6 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 def parse_override(text: str) -> dict[str, Any]:
     """'train.lr=3e-4' -> {'train': {'lr': 3e-4}} (values parsed as YAML scalars)."""
-    import yaml
-
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     key, raw = text.split("=", 1)
@@ -280,8 +289,6 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -316,10 +323,6 @@ def resolve(cls: type = FinetuneConfig, *, preset: str | None = None, file: str 
 
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings of a config dataclass (the string literal under each field)."""
-    import ast
-    import inspect
-    import textwrap
-
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}

@@ -38,8 +38,7 @@ from typing import Literal
 
 import torch
 
-from freezeasguard.engine.backends import (next_pow2, triton_backend, triton_blocker, triton_importable,
-                                           triton_interpreting, triton_requested_error)
+from freezeasguard.kernels._triton import HAS_TRITON, blocker, interpreting, next_pow2, requested_error
 
 __all__ = [
     "AdamWInputError",
@@ -68,7 +67,7 @@ class AdamWInputError(ValueError):
     """The buffers or hyperparameters handed to the AdamW step are inconsistent."""
 
 
-if triton_importable():
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
@@ -132,7 +131,7 @@ def launch_config(n: int, device: torch.device) -> tuple[int, int, bool]:
         ``(BLOCK, num_warps, int64_offsets)``. Under the interpreter the block grows with n (up
         to 2**16) because its cost is per program; on CUDA it is fixed.
     """
-    if device.type == "cuda" and not triton_interpreting():
+    if device.type == "cuda" and not interpreting():
         block, warps = _CUDA_BLOCK, _CUDA_WARPS
     else:
         block, warps = min(_INTERP_BLOCK, next_pow2(max(n, 1))), 1
@@ -263,12 +262,12 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be 'auto', 'triton', 'torch' or 'torch_fused', got {backend!r}")
     if backend in ("torch", "torch_fused"):
         return backend
-    why = triton_blocker(device, triton_backend())
+    why = blocker(device)
     if why is None:
         return "triton"
     if backend == "auto":
         return "torch"
-    raise triton_requested_error("AdamW", why)
+    raise requested_error("AdamW", why)
 
 
 def fused_adamw_(

@@ -1,4 +1,4 @@
-"""One fused pass of mask learning over the chunked flat fp32 buffers (``engine.mask_flat``).
+"""One fused pass of mask learning over the chunked flat fp32 buffers (``engine.learn.flat``).
 
 What is fused, per element, in ONE Triton launch: the per-row partial dot products
 ``<theta_d, g>`` (raw gradient, values before the update), the clip scaling of the gradient,
@@ -8,17 +8,8 @@ correction, decoupled weight decay on the prefix ``[0, decay_end)``) and the boo
 (fp32, one per ``chunk`` elements) are then summed per tensor in fp64 by the same
 ``segment_sum_rows`` the reference uses: fixed order, no atomics, bit-reproducible run to run.
 
-The math is ``bilevel_step_ref_``'s (its docstring is the specification), op for op:
-
-    dot_row   = sum_row(theta_d * g)                       (before anything is written)
-    g         = g * grad_scale                             (stored back, as the reference does)
-    m         = lerp(m, g, 1 - b1)                         (torch's two-sided lerp formula)
-    v         = b2 * v + (1 - b2) * g * g
-    u         = m / (sqrt(v) / sqrt(bc2) + eps) * (-lr / bc1)
-    u         = u + lr*wd * theta_d - lr*wd * theta_pre    (i < decay_end only)
-    theta_d   = theta_d - u
-    theta     = theta + keep_row * u
-
+The math is ``bilevel_step_ref_``'s, op for op (its docstring is the specification; the kernel
+computes the row dots before anything is written and mirrors torch's two-sided lerp formula).
 Host scalars are formed in double and rounded once to fp32, as torch does with Python scalars;
 division and square root are the correctly rounded forms (``div_rn``, ``sqrt_rn``). Against the
 reference the buffers agree to a few fp32 ulp, not bit for bit: torch's CPU sqrt is not
@@ -50,10 +41,8 @@ from typing import Literal
 
 import torch
 
-from freezeasguard.engine.backends import (next_pow2, triton_backend, triton_blocker, triton_importable,
-                                           triton_requested_error)
-from freezeasguard.engine.backends import triton_interpreting as _interpreting
-from freezeasguard.engine.mask_flat import bilevel_step_ref_, segment_sum_rows
+from freezeasguard.kernels._triton import HAS_TRITON, blocker, interpreting, next_pow2, requested_error, status
+from freezeasguard.kernels.segment import segment_dots, segment_sum_rows
 
 __all__ = [
     "MaskUpdateInputError",
@@ -77,7 +66,70 @@ class MaskUpdateInputError(ValueError):
     """The buffers or hyperparameters handed to the bilevel step are inconsistent."""
 
 
-if triton_importable():
+# ------------------------------------------------------------------------- the reference
+@torch.no_grad()
+def bilevel_step_ref_(
+    theta: torch.Tensor, theta_pre: torch.Tensor, theta_d: torch.Tensor, grad: torch.Tensor,
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, keep: torch.Tensor, rows_per_tensor: torch.Tensor, *,
+    chunk: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decay_end: int,
+    step: int, grad_scale: torch.Tensor | None = None, update: bool = True, dots: bool = True,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """One step of mask learning over the flat buffers, in torch ops (the fused kernel's reference).
+
+    With ``g = grad`` (evaluated at theta(m)) and ``keep = 1 - m`` per row:
+
+    ``dots`` (computed first, at the point where g was evaluated):
+        ``d_i = <theta_d_i, g_i>`` per tensor, fp64. The chain rule through
+        ``theta(m) = theta_ft + m * theta_d`` gives ``dL/dm_i = d_i`` and, with
+        ``m_i = sigmoid(x_i / T)``, ``dL/dx_i = d_i * m_i (1 - m_i) / T``.
+
+    ``update`` (the simulated user's AdamW step on ``theta_ft = theta_pre - theta_d``, exactly
+    torch.optim.AdamW's math; u is the signed change of theta_ft):
+        g         *= grad_scale                                  (in place)
+        exp_avg    = lerp(exp_avg, g, 1 - beta1)
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) g^2
+        u          = -lr / bc1 * exp_avg / (sqrt(exp_avg_sq) / sqrt(bc2) + eps)
+                     - lr * wd * theta_ft                       (only on [0, decay_end))
+        theta_d   -= u                  (theta_ft += u)
+        theta     += keep * u           (frozen tensors, keep = 0, stay at theta_pre)
+
+    Args:
+        keep: per-row ``1 - m`` of the row's tensor, fp32 [rows].
+        rows_per_tensor: rows of each segment (``FlatLayout.rows_per_tensor``).
+        step: the user step being taken, counted from 1 (bias correction).
+        grad_scale: optional 0-d/1-element fp32 device tensor (clip coefficient), multiplied into
+            ``grad`` in place by the update; the dots use the raw gradient.
+        scratch: a flat fp32 buffer like the others for the update's temporary (allocated per call
+            when None; passing one avoids a buffer-sized allocation every step).
+    Returns:
+        The per-tensor dots (fp64) when ``dots`` is set, else None.
+    """
+    d = segment_dots(theta_d, grad, rows_per_tensor, chunk) if dots else None
+    if not update:
+        return d
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the step being taken), got {step}")
+    g = grad
+    if grad_scale is not None:
+        g.mul_(grad_scale.reshape(()))
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bc1 = 1 - beta1**step
+    bc2_sqrt = (1 - beta2**step) ** 0.5
+    u = torch.empty_like(theta_d) if scratch is None else scratch
+    torch.sqrt(exp_avg_sq, out=u).div_(bc2_sqrt).add_(eps)
+    torch.div(exp_avg, u, out=u).mul_(-lr / bc1)
+    if weight_decay != 0 and decay_end > 0:
+        # -lr*wd*theta_ft = -lr*wd*(theta_pre - theta_d), without a temporary for theta_ft.
+        u[:decay_end].add_(theta_d[:decay_end], alpha=lr * weight_decay)
+        u[:decay_end].sub_(theta_pre[:decay_end], alpha=lr * weight_decay)
+    theta_d.sub_(u)
+    theta.view(-1, chunk).addcmul_(u.view(-1, chunk), keep.view(-1, 1))
+    return d
+
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
@@ -183,7 +235,7 @@ def launch_config(chunk: int, rows: int, device: torch.device) -> LaunchConfig:
     thread layout it gets), which is a pure function of the arguments: the same buffers on the
     same device give the same row dots, bit for bit.
     """
-    cap = _CUDA_TILE if device.type == "cuda" and not _interpreting() else _INTERP_TILE
+    cap = _CUDA_TILE if device.type == "cuda" and not interpreting() else _INTERP_TILE
     warps = _CUDA_WARPS if cap == _CUDA_TILE else 1
     tile = min(next_pow2(chunk), cap)
     rows_per_program = max(1, min(cap // tile, next_pow2(rows)))
@@ -225,13 +277,12 @@ def resolve_backend(backend: str, device: torch.device) -> Literal["triton", "to
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "torch":
         return "torch"
-    tb = triton_backend()
     if backend == "auto":
-        return "triton" if tb.available and device.type == "cuda" and not _interpreting() else "torch"
-    why = triton_blocker(device, tb)
+        return "triton" if status().available and device.type == "cuda" and not interpreting() else "torch"
+    why = blocker(device)
     if why is None:
         return "triton"
-    raise triton_requested_error("bilevel step", why)
+    raise requested_error("bilevel step", why)
 
 
 def _check_flat(name: str, t: object, n: int | None, device: torch.device | None) -> None:
@@ -299,28 +350,11 @@ def _validate(bufs: dict[str, torch.Tensor], keep: torch.Tensor, rows_per_tensor
 
 @torch.no_grad()
 def bilevel_step_(
-    theta: torch.Tensor,
-    theta_pre: torch.Tensor,
-    theta_d: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    keep: torch.Tensor,
-    rows_per_tensor: torch.Tensor,
-    *,
-    chunk: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decay_end: int,
-    step: int,
-    grad_scale: torch.Tensor | None = None,
-    update: bool = True,
-    dots: bool = True,
-    scratch: torch.Tensor | None = None,
-    backend: Backend = "auto",
+    theta: torch.Tensor, theta_pre: torch.Tensor, theta_d: torch.Tensor, grad: torch.Tensor,
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, keep: torch.Tensor, rows_per_tensor: torch.Tensor, *,
+    chunk: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decay_end: int,
+    step: int, grad_scale: torch.Tensor | None = None, update: bool = True, dots: bool = True,
+    scratch: torch.Tensor | None = None, backend: Backend = "auto",
 ) -> torch.Tensor | None:
     """``bilevel_step_ref_`` (same arguments, same in-place effects, same result) with a choice of
     implementation: the fused one-launch Triton kernel, or the eager reference.

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from freezeasguard.engine.config import resolve
-from freezeasguard.engine.data import digits_dataset
+from freezeasguard.engine.model.data import digits_dataset
 
 
 def tiny_config(out_dir, *overrides: str):

@@ -10,9 +10,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-import freezeasguard.kernels.attention as attn_mod
+import freezeasguard.engine.model.attention as attn_mod
 from freezeasguard.engine.backends import Backend
-from freezeasguard.kernels.attention import (
+from freezeasguard.engine.model.attention import (
     AttentionBackendError,
     AttentionProcessor,
     attention,

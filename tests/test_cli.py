@@ -35,10 +35,11 @@ def test_bad_data_folder_is_a_clear_error(tmp_path):
 
 
 def test_keygen_and_sign_a_manifest(tmp_path):
-    from freezeasguard.engine.manifest import Manifest
-    from freezeasguard.engine.mask import FreezeMask
-    from freezeasguard.engine.models import build_components
-    from freezeasguard.engine.signing import SignatureError, load_key, verify_manifest
+    from freezeasguard.engine.errors import SignatureError
+    from freezeasguard.engine.guard.manifest import Manifest
+    from freezeasguard.engine.guard.mask import FreezeMask
+    from freezeasguard.engine.model.components import build_components
+    from freezeasguard.engine.service.signing import load_key, verify_manifest
 
     c = build_components("tiny", seed=0)
     Manifest.build(c.unet, FreezeMask.random(c.unet, 0.3)).save(tmp_path / "m.json")

@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from freezeasguard.engine import data as D
+from freezeasguard.engine import errors
+from freezeasguard.engine.model import data as D
 
 
 def _folder(tmp_path, rows, n_images=3):
@@ -40,7 +41,7 @@ def test_image_folder_loads_and_preprocesses(tmp_path):
 ])
 def test_bad_lines_name_file_and_line(tmp_path, bad, message):
     root = _folder(tmp_path, [GOOD[0], bad, GOOD[2]])
-    with pytest.raises(D.DatasetError, match=message):
+    with pytest.raises(errors.DatasetError, match=message):
         D.load_image_folder(root, 8)
     ds = D.load_image_folder(root, 8, skip_bad=True)
     assert len(ds) == 2 and len(ds.skipped) == 1 and ds.skipped[0][1] == 2
@@ -49,23 +50,23 @@ def test_bad_lines_name_file_and_line(tmp_path, bad, message):
 def test_corrupt_image_and_bad_json(tmp_path):
     root = _folder(tmp_path, GOOD)
     (root / "1.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
-    with pytest.raises(D.DatasetError, match=r":2: cannot decode image '1.png'"):
+    with pytest.raises(errors.DatasetError, match=r":2: cannot decode image '1.png'"):
         D.load_image_folder(root, 8)
     (root / "metadata.jsonl").write_text(json.dumps(GOOD[0]) + "\n{not json\n")
-    with pytest.raises(D.DatasetError, match=r":2: not valid JSON"):
+    with pytest.raises(errors.DatasetError, match=r":2: not valid JSON"):
         D.load_image_folder(root, 8)
 
 
 def test_empty_dataset_and_unknown_domain(tmp_path):
     root = _folder(tmp_path, GOOD)
-    with pytest.raises(D.DatasetError, match=r"unknown domain\(s\) \['artist'\]"):
+    with pytest.raises(errors.DatasetError, match=r"unknown domain\(s\) \['artist'\]"):
         D.load_image_folder(root, 8, domains=["artist"])
-    with pytest.raises(D.DatasetError, match=r":2: 1.png: unknown domain 'illegal'"):
+    with pytest.raises(errors.DatasetError, match=r":2: 1.png: unknown domain 'illegal'"):
         D.load_image_folder(root, 8, known_domains=["legal"])
     (root / "metadata.jsonl").write_text("\n")
-    with pytest.raises(D.DatasetError, match="empty"):
+    with pytest.raises(errors.DatasetError, match="empty"):
         D.load_image_folder(root, 8)
-    with pytest.raises(D.DatasetError, match="no metadata.jsonl"):
+    with pytest.raises(errors.DatasetError, match="no metadata.jsonl"):
         D.load_image_folder(tmp_path, 8)
 
 
@@ -83,8 +84,8 @@ def test_digits_dataset_is_real_and_round_trips_as_a_folder(tmp_path):
 
 @pytest.mark.parametrize("space", ["pixel", "latent"])
 def test_cached_and_live_encodings_agree(space):
-    from freezeasguard.engine.encode import LiveData, encode_dataset
-    from freezeasguard.engine.models import build_components
+    from freezeasguard.engine.model.components import build_components
+    from freezeasguard.engine.model.encode import LiveData, encode_dataset
 
     c = build_components("tiny", space=space, resolution=16)
     ds = D.digits_dataset(16, classes=[3])
@@ -103,8 +104,8 @@ def test_cached_and_live_encodings_agree(space):
 def test_cached_latents_are_contiguous():
     # torch 2.13's CPU conv backward crashed on channels-last inputs to frozen convs; the VAE
     # returns channels-last tensors on CPU, so the cache must hold contiguous ones.
-    from freezeasguard.engine.encode import encode_dataset
-    from freezeasguard.engine.models import build_components
+    from freezeasguard.engine.model.components import build_components
+    from freezeasguard.engine.model.encode import encode_dataset
 
     c = build_components("tiny", space="latent", resolution=16)
     enc = encode_dataset(c, D.digits_dataset(16, classes=[2]))

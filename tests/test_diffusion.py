@@ -1,6 +1,6 @@
 import torch
 
-from freezeasguard.engine.diffusion import NoiseSchedule, ddim_sample
+from freezeasguard.engine.model.diffusion import NoiseSchedule, ddim_sample
 
 
 def test_schedule_matches_diffusers_ddpm(tmp_path):

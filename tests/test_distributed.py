@@ -4,7 +4,6 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from helpers import tiny_config, tiny_digits
 
 pytestmark = pytest.mark.distributed
@@ -14,10 +13,9 @@ def _worker(rank, world, port, out_dir, result_path, extra=()):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import torch.distributed as dist
-
-    from freezeasguard.engine.train import Trainer
-
     from helpers import record_grads
+
+    from freezeasguard.engine.train.trainer import Trainer
 
     tr = Trainer(tiny_config(out_dir, "train.steps=3", *extra), dataset=tiny_digits())
     grads = record_grads(tr)
@@ -36,9 +34,9 @@ def test_ddp_two_processes_equal_one(tmp_path, extra):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_worker, args=(2, port, str(tmp_path / "ddp"), str(tmp_path / "ddp.pt"), extra), nprocs=2, join=True)
-    from freezeasguard.engine.train import Trainer
-
     from helpers import record_grads
+
+    from freezeasguard.engine.train.trainer import Trainer
 
     single = Trainer(tiny_config(tmp_path / "one", "train.steps=3", *extra), dataset=tiny_digits())
     grads = record_grads(single)

@@ -4,14 +4,24 @@ import math
 
 import pytest
 import torch
+from efficacy import (
+    Stat,
+    heldout_loss,
+    load_recogniser,
+    mitigation,
+    recognise,
+    save_recogniser,
+    steps_to_reach,
+    stratified_split,
+    train_recogniser,
+)
+from rowmask import RowMask, groups_of
 
-from freezeasguard.engine.data import digits_dataset
-from freezeasguard.engine.efficacy import (Stat, heldout_loss, load_recogniser, mitigation, recognise,
-                                           save_recogniser, steps_to_reach, stratified_split, train_recogniser)
-from freezeasguard.engine.mask import FreezeMask, MaskError, param_budget
-from freezeasguard.engine.mask_groups import RowMask, groups_of
-from freezeasguard.engine.models import build_components, caption_words
-
+from freezeasguard.engine.errors import MaskError
+from freezeasguard.engine.guard.mask import FreezeMask, param_budget
+from freezeasguard.engine.model.components import build_components
+from freezeasguard.engine.model.data import digits_dataset
+from freezeasguard.engine.model.tokenizer import caption_words
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,8 +80,8 @@ def test_recogniser_learns_real_digits_and_round_trips(digits, tmp_path):
 
 
 def test_heldout_loss_is_the_mean_per_sample_loss_on_fixed_draws(tiny, digits):
-    from freezeasguard.engine.encode import encode_dataset
-    from freezeasguard.engine.mask_pipeline import per_sample_diffusion_loss
+    from freezeasguard.engine.model.diffusion import per_sample_diffusion_loss
+    from freezeasguard.engine.model.encode import encode_dataset
 
     data = encode_dataset(tiny, digits.subset(range(12)))
     a = heldout_loss(tiny.unet, tiny.schedule, data, draws=2, seed=5, batch_size=5)
@@ -126,12 +136,14 @@ def test_row_mask_views_round_trip_and_random(tmp_path):
 
 
 def test_row_learner_dots_and_theta_match_a_per_row_reference(tiny, digits):
-    from freezeasguard.engine.config import from_dict
-    from freezeasguard.engine.encode import encode_dataset
-    from freezeasguard.engine.mask_groups import RowMaskLearner
-    from freezeasguard.engine.mask_pipeline import DiffusionTask
-    from freezeasguard.engine.masklearn import MaskLearnConfig
     import copy
+
+    from rowmask import RowMaskLearner
+
+    from freezeasguard.engine.config import from_dict
+    from freezeasguard.engine.learn.config import MaskLearnConfig
+    from freezeasguard.engine.learn.pipeline import DiffusionTask
+    from freezeasguard.engine.model.encode import encode_dataset
 
     cfg = from_dict(MaskLearnConfig, {"illegal": ["seven"], "innocent": ["one", "two"], "steps": 6, "chunk": 1,
                                       "progress": False, "device": "cpu", "user": {"lr": 1e-3, "batch_size": 8},
@@ -161,8 +173,9 @@ def test_row_learner_dots_and_theta_match_a_per_row_reference(tiny, digits):
 
 # ------------------------------------------------------------------------------------ masked updates
 def test_masked_adamw_equals_adamw_on_free_entries_and_keeps_frozen_ones_bit_exact():
-    from freezeasguard.engine.train import param_groups
-    from freezeasguard.engine.userft import MaskedAdamW
+    from simusers import MaskedAdamW
+
+    from freezeasguard.engine.optim.groups import param_groups
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(6, 5)
@@ -199,7 +212,7 @@ def copy_module(m):
 # ------------------------------------------------------------------------------------ users
 @pytest.mark.parametrize("kind", ["full", "tensors", "rows", "lora"])
 def test_user_trainer_enforces_each_guard(tiny, digits, tmp_path, kind):
-    from freezeasguard.engine.userft import UserBudget, lora_modules, user_trainer
+    from simusers import UserBudget, lora_modules, user_trainer
 
     unet = tiny.unet
     guard = None
@@ -241,7 +254,7 @@ def test_user_trainer_enforces_each_guard(tiny, digits, tmp_path, kind):
 
 
 def test_realdata_sets():
-    from freezeasguard.engine.realdata import concat, has_lfw, lfw_dataset, photo_crops_dataset
+    from realdata import concat, has_lfw, lfw_dataset, photo_crops_dataset
 
     crops = photo_crops_dataset(16, per_photo=5)
     assert crops.images.shape[1:] == (3, 16, 16) and len(crops) == 5 * len(crops.domain_names())

@@ -1,14 +1,15 @@
 """The freeze engine's training path: twin models against torch AdamW, proof, and savings."""
 import pytest
 import torch
-
-from freezeasguard.engine.freeze import FlatAdamW
-from freezeasguard.engine.ledger import count_saved_activations
-from freezeasguard.engine.manifest import Manifest
-from freezeasguard.engine.mask import FreezeMask
-from freezeasguard.engine.models import build_components
-from freezeasguard.engine.train import Trainer, TrainingError
 from helpers import tiny_config, tiny_digits
+
+from freezeasguard.engine.errors import TrainingError
+from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.model.components import build_components
+from freezeasguard.engine.optim.flat import FlatAdamW
+from freezeasguard.engine.train.ledger import count_saved_activations
+from freezeasguard.engine.train.trainer import Trainer
 
 
 def _manifest(tmp_path, unet, ratio=0.5, seed=0, by="params"):
@@ -66,8 +67,8 @@ def test_bf16_storage_and_ledger_match_the_analytic_formulas(tmp_path):
     tr.fit(3)
     assert tr.verify_frozen().ok  # live bf16 copies still equal the rounded originals
     out = tr.save_final()
-    from freezeasguard.engine.cli import load_unet_state
-    from freezeasguard.engine.manifest import verify_frozen
+    from freezeasguard.engine.cli.train import load_unet_state
+    from freezeasguard.engine.guard.verify import verify_frozen
 
     state = load_unet_state(out)
     assert all(state[n].dtype == torch.float32 for n in mask.frozen)  # exported in original bytes
@@ -113,7 +114,7 @@ def test_verify_cli_names_the_changed_tensor(tmp_path):
     import subprocess
     import sys
 
-    from freezeasguard.engine.models import save_components
+    from freezeasguard.engine.model.components import save_components
 
     c = build_components("tiny", seed=0)
     mask, path = _manifest(tmp_path, c.unet, ratio=0.3, by="tensors")
@@ -135,7 +136,7 @@ def test_verify_cli_names_the_changed_tensor(tmp_path):
 def test_manifest_for_another_base_is_refused(tmp_path):
     other = build_components("tiny", seed=1)
     _, path = _manifest(tmp_path, other.unet)
-    from freezeasguard.engine.manifest import ManifestError
+    from freezeasguard.engine.errors import ManifestError
 
     with pytest.raises(ManifestError, match="fingerprint"):
         Trainer(tiny_config(tmp_path / "j", "freeze.mode=engine", f"freeze.manifest={path}"),
@@ -185,7 +186,7 @@ def test_flat_adamw_backends_match_torch_adamw_on_a_unet(backend):
     round trip continues exactly where the original goes."""
     import copy
 
-    from freezeasguard.engine.train import param_groups
+    from freezeasguard.engine.optim.groups import param_groups
 
     torch.manual_seed(0)
     base = build_components("tiny", seed=0).unet

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from freezeasguard.engine.frozen_ops import (FrozenConv2d, FrozenConvError, install_frozen_convs,
-                                             uninstall_frozen_convs)
-from freezeasguard.engine.ledger import count_saved_activations
-from freezeasguard.engine.mask import FreezeMask
-from freezeasguard.engine.models import build_unet
+from freezeasguard.engine.errors import FrozenConvError
+from freezeasguard.engine.guard.frozen_ops import FrozenConv2d, install_frozen_convs, uninstall_frozen_convs
+from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.model.presets import build_unet
+from freezeasguard.engine.train.ledger import count_saved_activations
 
 # (in, out, kernel, stride, padding, dilation, groups, bias, input size)
 CONVS = [
@@ -172,7 +172,7 @@ def test_unsupported_convs_are_skipped_or_refused(caplog):
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
                         nn.Conv2d(4, 4, 2, padding="same"))
     names = [n for n, _ in net.named_parameters()]
-    with caplog.at_level(logging.INFO, logger="freezeasguard.engine.frozen_ops"):
+    with caplog.at_level(logging.INFO, logger="freezeasguard.engine.guard.frozen_ops"):
         assert install_frozen_convs(net, names) == 0
     assert "padding_mode='reflect'" in caplog.text and "asymmetric" in caplog.text
     with pytest.raises(FrozenConvError, match="reflect"):

@@ -89,7 +89,7 @@ def test_world_from_an_image_folder_keeps_targets_out_of_pretraining(tmp_path, m
     monkeypatch.syspath_prepend(str(BENCH))
     from guard_setup import build_world
 
-    from freezeasguard.engine.data import digits_dataset, write_image_folder
+    from freezeasguard.engine.model.data import digits_dataset, write_image_folder
 
     write_image_folder(digits_dataset(16, classes=(0, 1, 5, 6, 8)), tmp_path / "data")
     w = build_world(folder=str(tmp_path / "data"), folder_domains=("five", "six", "eight"))

@@ -4,8 +4,8 @@ import multiprocessing as mp
 
 import pytest
 
-from freezeasguard.engine.joblog import (GENESIS, JobLogError, append_record, audit, entry_hash,
-                                         read_entries, tail_problem)
+from freezeasguard.engine.errors import JobLogError
+from freezeasguard.engine.service.joblog import GENESIS, append_record, audit, entry_hash, read_entries, tail_problem
 
 
 def _write_lines(path, entries):
@@ -101,7 +101,7 @@ def test_record_checker_and_missing_log(log3, tmp_path):
 def _append_many(path: str, worker: int, n: int, go) -> None:
     import time
 
-    from freezeasguard.engine import joblog
+    from freezeasguard.engine.service import joblog
 
     read_tail = joblog._last_line
 

@@ -1,5 +1,4 @@
 """Guarded jobs end to end on the tiny preset: accepted, trained, proven, recorded, merged."""
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,14 +7,17 @@ import pytest
 import torch
 import yaml
 
-from freezeasguard.engine.data import digits_dataset, write_image_folder
-from freezeasguard.engine.delta import load_delta, merge_delta
-from freezeasguard.engine.jobs import DELTA_FILE, RECORD_FILE, audit_jobs, file_sha256, plan_job, register_cli, run_job
-from freezeasguard.engine.manifest import Manifest, model_fingerprint
-from freezeasguard.engine.mask import FreezeMask
-from freezeasguard.engine.models import build_components, load_components, save_components
-from freezeasguard.engine.policy import Policy
-from freezeasguard.engine.signing import new_ed25519_key, new_hmac_key, save_key, sign_manifest
+from freezeasguard.engine.cli.main import main as cli_main
+from freezeasguard.engine.guard.hashing import model_fingerprint
+from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.model.components import build_components, load_components, save_components
+from freezeasguard.engine.model.data import digits_dataset, write_image_folder
+from freezeasguard.engine.service.delta import load_delta, merge_delta
+from freezeasguard.engine.service.plan import file_sha256, plan_job
+from freezeasguard.engine.service.policy import Policy
+from freezeasguard.engine.service.run import DELTA_FILE, RECORD_FILE, audit_jobs, run_job
+from freezeasguard.engine.service.signing import new_ed25519_key, new_hmac_key, save_key, sign_manifest
 
 # The publisher's mask for these tests: the first down block's and the mid block's attention.
 FROZEN = ["down_blocks.0.attentions.*", "mid_block.attentions.*", "conv_in.*"]
@@ -155,15 +157,8 @@ def test_ed25519_signed_manifest_is_accepted_with_the_public_key(pub, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "jobs.jsonl").exists()  # plans write nothing
 
 
-def _cli():
-    parser = argparse.ArgumentParser(prog="freezeasguard")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
 def _call(argv):
-    args = _cli().parse_args([str(a) for a in argv])
-    return args.func(args)
+    return cli_main([str(a) for a in argv])
 
 
 def test_cli_submit_and_audit(pub, tmp_path, capsys):

@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 from freezeasguard.engine.backends import bitsandbytes_backend
-from freezeasguard.engine.ledger import LedgerError, count_saved_activations, memory_ledger
-from freezeasguard.engine.mask import FreezeMask
-from freezeasguard.engine.models import build_unet
+from freezeasguard.engine.errors import LedgerError
+from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.model.presets import build_unet
+from freezeasguard.engine.train.ledger import count_saved_activations, memory_ledger
 
 
 # ------------------------------------------------------------------------------ saved activations

@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from freezeasguard.engine import __version__
-from freezeasguard.engine.manifest import (SCHEMA, Manifest, ManifestError, model_fingerprint,
-                                           tensor_sha256, verify_frozen)
-from freezeasguard.engine.mask import FreezeMask, MaskError
-from freezeasguard.engine.models import build_unet
+from freezeasguard.engine.errors import ManifestError, MaskError
+from freezeasguard.engine.guard.hashing import model_fingerprint, tensor_sha256
+from freezeasguard.engine.guard.manifest import SCHEMA, Manifest, load_mask
+from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.guard.verify import verify_frozen
+from freezeasguard.engine.model.presets import build_unet
 
 
 @pytest.fixture(scope="module")
@@ -149,14 +151,16 @@ def test_load_errors(manifest, tmp_path):
 def test_mask_from_manifest(tiny, mask, manifest, tmp_path):
     assert manifest.mask() == mask
     assert manifest.mask(build_unet("tiny", device="meta")) == mask  # names/shapes only
-    assert FreezeMask.from_file(manifest.save(tmp_path / "m.json"), tiny) == mask
+    assert load_mask(manifest.save(tmp_path / "m.json"), tiny) == mask
+    with pytest.raises(MaskError, match="is a manifest"):  # a plain-mask reader says what to use
+        FreezeMask.from_file(tmp_path / "m.json", tiny)
 
 
 def test_mask_accepts_pairs_and_reports_mismatch_as_mask_error(tiny, mask, manifest, tmp_path):
     assert manifest.mask(iter(list(tiny.named_parameters()))) == mask  # an iterator, read once
     path = manifest.save(tmp_path / "m.json")
     with pytest.raises(MaskError, match="missing tensor"):
-        FreezeMask.from_file(path, {n: p for n, p in list(tiny.named_parameters())[1:]})
+        load_mask(path, {n: p for n, p in list(tiny.named_parameters())[1:]})
 
 
 def test_provenance_must_be_json(tiny, mask):

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from freezeasguard.engine.mask import FreezeMask, MaskError, param_budget, tensor_budget
-from freezeasguard.engine.models import build_unet
+from freezeasguard.engine.errors import MaskError
+from freezeasguard.engine.guard.mask import FreezeMask, param_budget, tensor_budget
+from freezeasguard.engine.model.presets import build_unet
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,17 @@
 """learn-mask / mask-report subcommands, the report helpers, the baselines and the cost probe."""
-import argparse
 import json
 import math
 
 import pytest
 import torch
 
-from freezeasguard.engine.data import digits_dataset
-from freezeasguard.engine.manifest import Manifest
-from freezeasguard.engine.mask import FreezeMask, MaskError, param_budget, tensor_budget
-from freezeasguard.engine.masklearn import register_cli
-from freezeasguard.engine.models import build_components, caption_words, load_components, save_components
-
+from freezeasguard.engine.cli.main import main as cli_main
+from freezeasguard.engine.errors import MaskError
+from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.guard.mask import FreezeMask, param_budget, tensor_budget
+from freezeasguard.engine.model.components import build_components, load_components, save_components
+from freezeasguard.engine.model.data import digits_dataset
+from freezeasguard.engine.model.tokenizer import caption_words
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,11 +24,7 @@ def base(tmp_path_factory):
 
 
 def _run(capsys, *argv):
-    p = argparse.ArgumentParser(prog="freezeasguard")
-    sub = p.add_subparsers(dest="command", required=True)
-    register_cli(sub)
-    args = p.parse_args([str(a) for a in argv])
-    rc = args.func(args)
+    rc = cli_main([str(a) for a in argv])
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -109,7 +105,7 @@ def test_mask_report_on_a_missing_file_is_a_clear_error(capsys, tmp_path):
 
 # ------------------------------------------------------------------------------------ report
 def test_blocks_kinds_and_jaccard():
-    from freezeasguard.engine.mask_report import group_counts, jaccard, tensor_block, tensor_kind
+    from freezeasguard.engine.learn.report import group_counts, jaccard, tensor_block, tensor_kind
 
     assert tensor_block("down_blocks.1.resnets.0.conv1.weight") == "down_blocks.1"
     assert tensor_block("mid_block.attentions.0.proj_in.bias") == "mid_block"
@@ -134,7 +130,7 @@ def test_blocks_kinds_and_jaccard():
 
 # ------------------------------------------------------------------------------------ baselines
 def test_magnitude_scores_rank_relative_change_and_survive_zero_init():
-    from freezeasguard.engine.mask_baselines import magnitude_scores
+    from freezeasguard.engine.learn.baselines import magnitude_scores
 
     pre = {"big": torch.full((100,), 10.0), "small": torch.full((10,), 0.1), "zero": torch.zeros(5)}
     ft = {"big": pre["big"] + 0.1, "small": pre["small"] + 0.01, "zero": pre["zero"] + 1e-3}
@@ -145,10 +141,12 @@ def test_magnitude_scores_rank_relative_change_and_survive_zero_init():
 
 
 def test_saliency_finds_the_illegal_only_tensors_of_the_toy():
-    from freezeasguard.engine.config import from_dict
-    from freezeasguard.engine.mask_baselines import saliency_scores
-    from freezeasguard.engine.masklearn import MaskLearnConfig, MaskLearner
     from test_masklearn import ILLEGAL_TENSORS, Toy, ToyTask
+
+    from freezeasguard.engine.config import from_dict
+    from freezeasguard.engine.learn.baselines import saliency_scores
+    from freezeasguard.engine.learn.config import MaskLearnConfig
+    from freezeasguard.engine.learn.learner import MaskLearner
 
     torch.manual_seed(0)
     task = ToyTask()
@@ -164,10 +162,10 @@ def test_saliency_finds_the_illegal_only_tensors_of_the_toy():
 
 
 def test_baselines_have_the_exact_budget(base):
-    from freezeasguard.engine.mask_baselines import baseline_masks
-    from freezeasguard.engine.mask_pipeline import build_learner
     from freezeasguard.engine.config import resolve
-    from freezeasguard.engine.masklearn import MaskLearnConfig
+    from freezeasguard.engine.learn.baselines import baseline_masks
+    from freezeasguard.engine.learn.config import MaskLearnConfig
+    from freezeasguard.engine.learn.pipeline import build_learner
 
     cfg = resolve(MaskLearnConfig, overrides=[f"base={base}", "illegal=[seven]", "innocent=[one]", "steps=0",
                                               "bootstrap_steps=2", "progress=false", "user.batch_size=4"],
@@ -187,9 +185,11 @@ def test_baselines_have_the_exact_budget(base):
 
 
 def test_mask_step_cost_reports_all_three_steps(base):
+    from step_cost import mask_step_cost
+
     from freezeasguard.engine.config import resolve
-    from freezeasguard.engine.mask_pipeline import build_learner, mask_step_cost
-    from freezeasguard.engine.masklearn import MaskLearnConfig
+    from freezeasguard.engine.learn.config import MaskLearnConfig
+    from freezeasguard.engine.learn.pipeline import build_learner
 
     cfg = resolve(MaskLearnConfig, overrides=[f"base={base}", "illegal=[seven]", "innocent=[one]",
                                               "bootstrap_steps=0", "progress=false", "user.batch_size=4"],
@@ -206,8 +206,8 @@ def test_mask_step_cost_reports_all_three_steps(base):
 
 def test_a_finetuned_folder_gives_theta_ft(base, tmp_path):
     from freezeasguard.engine.config import resolve
-    from freezeasguard.engine.mask_pipeline import build_learner
-    from freezeasguard.engine.masklearn import MaskLearnConfig
+    from freezeasguard.engine.learn.config import MaskLearnConfig
+    from freezeasguard.engine.learn.pipeline import build_learner
 
     c = load_components(base)
     with torch.no_grad():

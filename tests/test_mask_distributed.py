@@ -5,10 +5,11 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from freezeasguard.engine.data import digits_dataset
-from freezeasguard.engine.models import build_components, caption_words
 from test_masklearn import _cfg, _learner, tiny  # noqa: F401  (tiny is a fixture)
+
+from freezeasguard.engine.model.components import build_components
+from freezeasguard.engine.model.data import digits_dataset
+from freezeasguard.engine.model.tokenizer import caption_words
 
 pytestmark = pytest.mark.distributed
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from freezeasguard.engine.mask_flat import FlatLayout, apply_mask_ref_, bilevel_step_ref_, segment_dots
+from freezeasguard.engine.learn.flat import FlatLayout, apply_mask_ref_
+from freezeasguard.kernels.mask_update import bilevel_step_ref_
+from freezeasguard.kernels.segment import segment_dots
 
 # Deliberately odd shapes: conv kernels, matrices, biases, a scalar-like tensor, one that spans
 # several rows and one that fills exactly one row (chunk 16).

@@ -6,12 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from freezeasguard.engine.config import ConfigError, from_dict, resolve
-from freezeasguard.engine.data import digits_dataset
-from freezeasguard.engine.mask import FreezeMask, param_budget, tensor_budget
-from freezeasguard.engine.masklearn import MaskLearnConfig, MaskLearner, MaskLearnError
-from freezeasguard.engine.models import build_components, caption_words
-
+from freezeasguard.engine.config import from_dict, resolve
+from freezeasguard.engine.errors import ConfigError, MaskLearnError
+from freezeasguard.engine.guard.mask import FreezeMask, param_budget, tensor_budget
+from freezeasguard.engine.learn.config import MaskLearnConfig
+from freezeasguard.engine.learn.diagnostics import convergence
+from freezeasguard.engine.learn.learner import MaskLearner
+from freezeasguard.engine.model.components import build_components
+from freezeasguard.engine.model.data import digits_dataset
+from freezeasguard.engine.model.tokenizer import caption_words
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,7 +116,7 @@ def test_convergence_reports_how_far_the_soft_mask_is_from_the_export():
                                       "mask": {"budget": budget, "budget_by": "params", "temperature": 0.2}})
     learner = MaskLearner(model, task, task.domains(), cfg)
     # at the start every m = rho < 1/2: nothing of the export is hard, the logits are all equal
-    c = learner.convergence()
+    c = convergence(learner)
     assert c["agreement"] == 0.0 and c["decisive"] == 0.0 and not c["converged"]
     assert c["spread"] == 0.0 and c["margin"] == 0.0
     # a split soft mask: the four illegal tensors at +1, the rest at -1 (5 T either side)
@@ -123,26 +126,26 @@ def test_convergence_reports_how_far_the_soft_mask_is_from_the_export():
             learner.logits[idx[n]] = 1.0 if n in ILLEGAL_TENSORS else -1.0
     mask = learner.export_mask()
     assert mask.frozen_set == ILLEGAL_TENSORS
-    c = learner.convergence(mask)
+    c = convergence(learner, mask)
     assert c["agreement"] == 1.0 and c["decisive"] == 1.0 and c["converged"]
     assert c["margin"] == pytest.approx(10.0) and c["spread"] == pytest.approx(10.0)
     # half of the frozen parameters soft-unfrozen: agreement counts parameters, not tensors
     with torch.no_grad():
         learner.logits[idx["ill1.weight"]] = -0.5
-    c = learner.convergence(mask)
+    c = convergence(learner, mask)
     assert c["agreement"] == pytest.approx((280 - 128) / 280) and not c["converged"]
     # logits just above their start at a budget of 1/2: the right tensors, but not a converged mask
     with torch.no_grad():
         for n in sizes:
             learner.logits[idx[n]] = 0.01 if n in ILLEGAL_TENSORS else -0.01
-    c = learner.convergence(mask)
+    c = convergence(learner, mask)
     assert c["agreement"] == 1.0 and c["decisive"] == 0.0 and not c["converged"]
     json.dumps(c, allow_nan=False)  # goes into manifests as strict JSON
     # diverged logits (a large SGD lr) are reported, not an overflow
     with torch.no_grad():
         learner.logits[idx["trunk.weight"]] = -2e5
         learner.logits[idx["ill1.weight"]] = 3e4
-    c = learner.convergence(mask)
+    c = convergence(learner, mask)
     assert c["spread"] == pytest.approx(2.3e5 / 0.2) and 0.0 <= c["decisive"] <= 1.0
 
 
@@ -161,7 +164,7 @@ def _cfg(work_dir, *overrides):
 
 
 def _learner(tiny, cfg, resume=False):
-    from freezeasguard.engine.mask_pipeline import build_learner
+    from freezeasguard.engine.learn.pipeline import build_learner
 
     c, ds = tiny
     return build_learner(cfg, components=dataclasses.replace(c, unet=_copy(c.unet)), dataset=ds, resume=resume)
@@ -174,8 +177,7 @@ def _copy(module):
 
 
 def test_per_sample_loss_averages_to_the_training_loss(tiny):
-    from freezeasguard.engine.mask_pipeline import per_sample_diffusion_loss
-    from freezeasguard.engine.train import diffusion_loss
+    from freezeasguard.engine.model.diffusion import diffusion_loss, per_sample_diffusion_loss
 
     c, _ = tiny
     g = torch.Generator().manual_seed(0)
@@ -224,9 +226,9 @@ def test_flat_buffers_stay_consistent(tiny):
 
 
 def test_learn_mask_writes_a_manifest_that_verifies_against_the_base(tiny, tmp_path):
-    from freezeasguard.engine.manifest import Manifest
-    from freezeasguard.engine.mask_pipeline import learn_mask
-    from freezeasguard.engine.models import load_components, save_components
+    from freezeasguard.engine.guard.manifest import Manifest
+    from freezeasguard.engine.learn.pipeline import learn_mask
+    from freezeasguard.engine.model.components import load_components, save_components
 
     c, ds = tiny
     base = save_components(c, tmp_path / "base")

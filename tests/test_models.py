@@ -1,22 +1,24 @@
 import pytest
 import torch
 
-from freezeasguard.engine import models as M
+from freezeasguard.engine import errors
+from freezeasguard.engine.model import components as M
+from freezeasguard.engine.model import presets as P
 
 
 def test_sd15_unet_has_the_published_size_on_meta():
-    unet = M.build_unet("sd15", device="meta")
-    assert M.param_summary(unet) == (686, 859_520_964)
+    unet = P.build_unet("sd15", device="meta")
+    assert P.param_summary(unet) == (686, 859_520_964)
     assert all(p.device.type == "meta" for p in unet.parameters())
 
 
 def test_preset_sizes():
-    assert M.param_summary(M.build_unet("sd21", device="meta")) == (686, 865_910_724)
-    n_t, n_p = M.param_summary(M.build_unet("small", device="meta"))
+    assert P.param_summary(P.build_unet("sd21", device="meta")) == (686, 865_910_724)
+    n_t, n_p = P.param_summary(P.build_unet("small", device="meta"))
     assert n_t == 686 and 10e6 <= n_p <= 30e6  # SD1.5's block structure at CPU size
-    assert M.param_summary(M.build_unet("tiny", device="meta"))[1] < 1e6
-    with pytest.raises(M.ModelError, match="unknown model preset 'sd3'"):
-        M.build_unet("sd3")
+    assert P.param_summary(P.build_unet("tiny", device="meta"))[1] < 1e6
+    with pytest.raises(errors.ModelError, match="unknown model preset 'sd3'"):
+        P.build_unet("sd3")
 
 
 def test_offline_tokenizer_and_text_encoder():
@@ -32,7 +34,7 @@ def test_offline_tokenizer_and_text_encoder():
 
 @pytest.mark.parametrize("space", ["pixel", "latent"])
 def test_folder_round_trip_and_generation(tmp_path, space):
-    from freezeasguard.engine.sampling import generate
+    from freezeasguard.engine.model.sampling import generate
 
     c = M.build_components("tiny", space=space, resolution=16, seed=3)
     M.save_components(c, tmp_path / "model")
@@ -54,7 +56,7 @@ def test_folder_round_trip_and_generation(tmp_path, space):
 
 def test_missing_folder_parts_are_named(tmp_path):
     (tmp_path / "m" / "unet").mkdir(parents=True)
-    with pytest.raises(M.ModelError, match="text_encoder/, tokenizer/"):
+    with pytest.raises(errors.ModelError, match="text_encoder/, tokenizer/"):
         M.load_components(tmp_path / "m")
-    with pytest.raises(M.ModelError, match="does not exist"):
+    with pytest.raises(errors.ModelError, match="does not exist"):
         M.load_components(tmp_path / "nope")

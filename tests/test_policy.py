@@ -5,15 +5,24 @@ import hmac
 import pytest
 import torch
 
-from freezeasguard.engine.config import ConfigError
-from freezeasguard.engine.manifest import Manifest, model_fingerprint
-from freezeasguard.engine.mask import FreezeMask
-from freezeasguard.engine.models import build_unet
-from freezeasguard.engine.policy import (JobSpec, Policy, PolicyViolation, base_problems,
-                                         resolve_lora_targets, spec_problems)
-from freezeasguard.engine import signing
-from freezeasguard.engine.signing import (SignatureError, load_key, new_ed25519_key, new_hmac_key,
-                                          save_key, sign_manifest, signature_problem, verify_manifest)
+from freezeasguard.engine.errors import ConfigError, PolicyViolation, SignatureError
+from freezeasguard.engine.guard.hashing import model_fingerprint
+from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.model.presets import build_unet
+from freezeasguard.engine.service import signing
+from freezeasguard.engine.service.lora import resolve_lora_targets
+from freezeasguard.engine.service.policy import Policy, base_problems, spec_problems
+from freezeasguard.engine.service.signing import (
+    load_key,
+    new_ed25519_key,
+    new_hmac_key,
+    save_key,
+    sign_manifest,
+    signature_problem,
+    verify_manifest,
+)
+from freezeasguard.engine.service.spec import JobSpec
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
 

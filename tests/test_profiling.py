@@ -6,7 +6,7 @@ import types
 import pytest
 
 from freezeasguard.engine import backends
-from freezeasguard.engine.profiling import MIN_WINDOW_STEPS, NvmlSampler
+from freezeasguard.engine.train.profiling import MIN_WINDOW_STEPS, NvmlSampler
 
 MiB = 1 << 20
 

@@ -6,18 +6,19 @@ import shutil
 import pytest
 import torch
 import yaml
+from test_jobs import FROZEN_ATTN as ATTN
+from test_jobs import LORA_TARGETS, publish
 
-from freezeasguard.engine import train as train_mod
+from freezeasguard.engine.errors import JobError, MergeError, PolicyViolation
+from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.guard.mask import FreezeMask
 from freezeasguard.engine.io import save_safetensors_atomic
-from freezeasguard.engine.delta import DELTA_FORMAT, MergeError, load_delta, merge_delta
-from freezeasguard.engine.jobs import JobError, audit_jobs, submit
-from freezeasguard.engine.joblog import read_entries
-from freezeasguard.engine.manifest import Manifest
-from freezeasguard.engine.mask import FreezeMask
-from freezeasguard.engine.models import load_components, save_components
-from freezeasguard.engine.policy import PolicyViolation
-from freezeasguard.engine.signing import new_hmac_key, sign_manifest
-from test_jobs import FROZEN_ATTN as ATTN, LORA_TARGETS, publish
+from freezeasguard.engine.model.components import load_components, save_components
+from freezeasguard.engine.service.delta import DELTA_FORMAT, load_delta, merge_delta
+from freezeasguard.engine.service.joblog import read_entries
+from freezeasguard.engine.service.run import audit_jobs, submit
+from freezeasguard.engine.service.signing import new_hmac_key, sign_manifest
+from freezeasguard.engine.train import trainer as train_mod
 
 
 @pytest.fixture(scope="module")

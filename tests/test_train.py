@@ -2,9 +2,10 @@ import math
 
 import pytest
 import torch
-
-from freezeasguard.engine.train import Trainer, TrainingError
 from helpers import record_grads, tiny_config, tiny_digits
+
+from freezeasguard.engine.errors import TrainingError
+from freezeasguard.engine.train.trainer import Trainer
 
 
 def _params(tr):
@@ -85,8 +86,8 @@ def test_non_finite_loss_is_a_clear_error(tmp_path):
 
 
 def test_final_model_reloads_and_generates(tmp_path):
-    from freezeasguard.engine.models import load_components
-    from freezeasguard.engine.sampling import generate
+    from freezeasguard.engine.model.components import load_components
+    from freezeasguard.engine.model.sampling import generate
 
     tr = Trainer(tiny_config(tmp_path, "train.steps=2"), dataset=tiny_digits())
     tr.fit()

@@ -1,0 +1,1 @@
+"""The ``freezeasguard`` console script (``freezeasguard.engine.cli.main:main``)."""

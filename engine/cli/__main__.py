@@ -1,0 +1,5 @@
+import sys
+
+from freezeasguard.engine.cli.main import main
+
+sys.exit(main())

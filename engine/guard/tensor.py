@@ -1,0 +1,112 @@
+"""The tensor guard: a freeze mask over whole UNet tensors, enforced and proven for one job.
+
+What it locks: the tensors a name-keyed ``FreezeMask`` marks frozen (from the job's signed
+manifest, or a seeded random mask for benchmarks). How it is enforced (``enforce``): frozen
+tensors leave autograd (``requires_grad=False``), so no gradient and no optimizer state exists for
+them; under bf16 autocast they are held in bf16 (autocast casts them at every use anyway; norm
+parameters, which autocast runs in fp32, stay fp32) with the original fp32 bytes kept on the host;
+frozen convolutions run through an autograd function that does not save their input. How it is
+proven (``verify``): every frozen tensor, as exported and as held live, against the manifest's
+SHA-256.
+
+A second guard type (a lock on directions inside trainable tensors) plugs in next to this one:
+its own learner, enforcement in the optimizer step, manifest entries and proof.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from freezeasguard.engine.config import FreezeConfig
+from freezeasguard.engine.errors import ConfigError
+from freezeasguard.engine.guard.frozen_ops import install_frozen_convs
+from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.guard.verify import VerifyReport, verify_frozen
+
+
+@dataclass
+class TensorGuard:
+    """The tensor freeze in force for one training job (``mode``: full, naive or engine)."""
+
+    mode: str
+    mask: FreezeMask | None
+    manifest: Manifest | None
+    frozen_dtype: torch.dtype | None = None
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # host fp32 copies
+    frozen_convs: int = 0
+
+    @property
+    def frozen_names(self) -> tuple[str, ...]:
+        return self.mask.frozen if self.mask is not None else ()
+
+    def export_state(self, unet: nn.Module) -> dict[str, torch.Tensor]:
+        """UNet tensors for the final model: frozen ones in their original dtype and bytes."""
+        state = {k: v.detach() for k, v in unet.state_dict().items()}
+        state.update(self.originals)
+        return state
+
+    def verify(self, unet: nn.Module) -> VerifyReport | None:
+        """Frozen tensors still equal the base: live copies (in their storage dtype) and export."""
+        if self.manifest is None:
+            return None
+        state = self.export_state(unet)
+        report = verify_frozen(self.manifest, state)
+        if self.originals:  # the live low-precision copies must still be the rounded originals
+            live = dict(unet.named_parameters())
+            for n, orig in self.originals.items():
+                if not torch.equal(live[n].detach().cpu(), orig.to(live[n].dtype)):
+                    report.hash_mismatch.append(n)
+                    report.details[n] = f"{n!r}: live {live[n].dtype} copy changed during training"
+        return report
+
+
+def build_mask(fc: FreezeConfig, unet: nn.Module, seed: int = 0) -> tuple[FreezeMask | None, Manifest | None]:
+    """The mask of a job: from its manifest (checked against the base UNet) or a seeded ratio."""
+    if fc.mode == "full":
+        return None, None
+    if fc.manifest:
+        manifest = Manifest.load(fc.manifest)
+        manifest.check_model(unet)  # names, shapes, dtypes and the base fingerprint
+        return manifest.mask(unet), manifest
+    if fc.ratio is None:
+        raise ConfigError(f"freeze.mode={fc.mode!r} needs freeze.manifest (or freeze.ratio for a random mask)")
+    mask = FreezeMask.random(unet, fc.ratio, by=fc.budget_by, seed=seed)
+    manifest = Manifest.build(unet, mask, provenance={"method": "random", "seed": seed,
+                                                     "config": {"ratio": fc.ratio, "by": fc.budget_by}})
+    return mask, manifest
+
+
+def frozen_storage_dtype(fc: FreezeConfig, mixed_precision: str) -> torch.dtype | None:
+    """The dtype frozen tensors are held in under the engine (None: keep fp32)."""
+    dtype = {"fp32": None, "bf16": torch.bfloat16,
+             "auto": torch.bfloat16 if mixed_precision == "bf16" else None}[fc.frozen_dtype]
+    if dtype is not None and mixed_precision != "bf16":
+        raise ConfigError("freeze.frozen_dtype=bf16 needs train.mixed_precision=bf16 "
+                          "(fp32 ops cannot consume bf16 weights)")
+    return dtype
+
+
+def enforce(guard: TensorGuard, unet: nn.Module, *, frozen_dtype: torch.dtype | None = None,
+            frozen_conv: bool = False) -> None:
+    """Take the frozen tensors out of autograd; optionally hold them in ``frozen_dtype`` and run
+    frozen convolutions without saving their input (the engine mode)."""
+    frozen = set(guard.frozen_names)
+    params = dict(unet.named_parameters())
+    for n in frozen:
+        params[n].requires_grad_(False)
+    if frozen_dtype is not None:
+        guard.frozen_dtype = frozen_dtype
+        # Norm layers run in fp32 under autocast (and CPU kernels refuse bf16 norm weights with fp32
+        # inputs): their few parameters stay fp32. Every other frozen tensor feeds a bf16 op.
+        fp32_ops = {f"{m}.{k}" if m else k for m, mod in unet.named_modules()
+                    if isinstance(mod, (nn.GroupNorm, nn.LayerNorm)) for k, _ in mod.named_parameters(recurse=False)}
+        with torch.no_grad():
+            for n in sorted(frozen - fp32_ops):
+                p = params[n]
+                guard.originals[n] = p.detach().to("cpu", copy=True)
+                p.data = p.data.to(frozen_dtype)
+    if frozen_conv:
+        guard.frozen_convs = install_frozen_convs(unet, frozen)

@@ -1,0 +1,118 @@
+"""LoRA for guarded jobs, in one place: which modules may take an adapter, and the wiring that adds
+the adapters and trains only them.
+
+An adapter on a module changes that module's output exactly as changing its weights would (the
+merged weight is ``W + (alpha / r) B A``), so a module may take one only if *every* one of its own
+tensors is trainable under the guard. ``resolve_lora_targets`` turns a job's target patterns into
+full module names and reports the modules that would undo the freeze; ``LoraWiring`` injects peft
+adapters on exactly the approved modules (one anchored regex, so peft's own name matching cannot
+widen the set) and hands the trainer the adapter tensors only.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Sequence
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from freezeasguard.engine.config import TrainConfig
+from freezeasguard.engine.errors import JobError
+from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.guard.tensor import TensorGuard, enforce
+from freezeasguard.engine.optim.factory import make_optimizer
+from freezeasguard.engine.optim.groups import param_groups
+from freezeasguard.engine.service.spec import LoraSpec
+
+# Module types an adapter can be attached to (peft LoRA layers for these wrap the base layer).
+LORA_MODULE_TYPES = (nn.Linear, nn.Conv2d)
+ADAPTER = "default"
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if _is_glob(pattern):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def resolve_lora_targets(unet: nn.Module, mask: FreezeMask,
+                         patterns: list[str]) -> tuple[list[str], list[str]]:
+    """Resolve LoRA target patterns to full module names of ``unet`` and check them.
+
+    An adapter on a module changes that module's output exactly as changing its weights would,
+    so a module may take an adapter only if *every* one of its own tensors is trainable.
+
+    Returns:
+        (module names in model order, problems). Modules of a pattern with any frozen tensor
+        are reported, not returned.
+    """
+    adaptable = [(n, m) for n, m in unet.named_modules() if isinstance(m, LORA_MODULE_TYPES)]
+    chosen: dict[str, None] = {}
+    problems: list[str] = []
+    for pat in patterns:
+        hits = [(n, m) for n, m in adaptable if _matches(pat, n)]
+        if not hits:
+            problems.append(f"lora target {pat!r} matches no Linear or Conv2d module of the UNet "
+                            "(adapters go on the UNet only)")
+            continue
+        for n, m in hits:
+            frozen = [f"{n}.{pn}" for pn, _ in m.named_parameters(recurse=False)
+                      if f"{n}.{pn}" in mask.frozen_set]
+            if frozen:
+                problems.append(f"lora target {n!r} (pattern {pat!r}) is a frozen module: "
+                                f"{', '.join(frozen)} frozen by the manifest; an adapter there "
+                                "would undo the freeze")
+            else:
+                chosen.setdefault(n, None)
+    order = {n: i for i, (n, _) in enumerate(adaptable)}
+    return sorted(chosen, key=order.__getitem__), problems
+
+
+class LoraWiring:
+    """Trainer wiring for LoRA: every base tensor fixed, adapters (seeded init) on ``modules`` only.
+
+    Args:
+        modules: full module names, already approved by ``resolve_lora_targets``.
+        lora: rank, alpha, dropout.
+        train: the job's train settings (optimizer, weight decay, seed).
+        manifest: the freeze in force; with it the trainer proves the frozen tensors afterwards
+            (``guard``) and ``frozen_conv`` runs frozen convolutions without saving their input.
+    """
+
+    def __init__(self, modules: Sequence[str], lora: LoraSpec, train: TrainConfig, *,
+                 manifest: Manifest | None = None, frozen_conv: bool = False):
+        if not modules:
+            raise JobError("LoRA wiring: no module is open to an adapter under this guard")
+        self.modules, self.lora, self.train = list(modules), lora, train
+        self.manifest, self.frozen_conv = manifest, frozen_conv
+        self.guard: TensorGuard | None = None
+
+    def __call__(self, unet: nn.Module):
+        if self.manifest is not None:
+            self.guard = TensorGuard("engine", self.manifest.mask(unet), self.manifest)
+            enforce(self.guard, unet, frozen_conv=self.frozen_conv)
+        unet.requires_grad_(False)  # LoRA trains adapters only, whatever the mask allows
+        pattern = "^(?:" + "|".join(re.escape(m) for m in self.modules) + ")$"
+        torch.manual_seed(self.train.seed)  # adapter init (kaiming A, zero B) is seeded
+        lo = self.lora
+        inject_adapter_in_model(LoraConfig(r=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                           target_modules=pattern), unet, adapter_name=ADAPTER)
+        named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+        stray = [n for n, _ in named if ".lora_" not in n]
+        if stray or not named:
+            raise JobError(f"LoRA wiring left non-adapter tensors trainable: {stray[:5]}" if stray
+                           else "LoRA wiring found no adapter tensors")
+        device = next(unet.parameters()).device
+        return named, make_optimizer(param_groups(named, self.train.weight_decay), self.train, device)
+
+    @staticmethod
+    def delta_name(name: str) -> str:
+        """peft's 'm.lora_A.default.weight' -> 'm.lora_A.weight' (the delta file's naming)."""
+        return name.replace(f".{ADAPTER}.", ".")

@@ -1,0 +1,224 @@
+"""Planning a guarded job: review it against the policy before any work, and write nothing.
+
+``plan_job`` loads the publisher's key, manifest and base model and the user's dataset, then checks
+*everything* (policy caps and locks, signature, base pin, manifest fit, LoRA targets, dataset
+readability, the resolved training config). Every problem found is collected into one
+``PolicyViolation``; an accepted job comes back as a ``JobPlan`` that ``service.run.run_job`` runs.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from freezeasguard.engine.config import FinetuneConfig, from_dict
+from freezeasguard.engine.errors import (
+    ConfigError,
+    DatasetError,
+    ManifestError,
+    ModelError,
+    PolicyViolation,
+    SignatureError,
+)
+from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.model.components import Components, load_components
+from freezeasguard.engine.model.data import ImageDataset, load_image_folder
+from freezeasguard.engine.service.joblog import tail_problem
+from freezeasguard.engine.service.lora import resolve_lora_targets
+from freezeasguard.engine.service.policy import (
+    Policy,
+    base_problems,
+    extra_problems,
+    manifest_signature_problems,
+    spec_problems,
+)
+from freezeasguard.engine.service.signing import load_key
+from freezeasguard.engine.service.spec import JobSpec
+
+MANIFEST_FILE = "manifest.json"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class JobPlan:
+    """An accepted job: everything ``run_job`` needs, already checked."""
+
+    job_id: str
+    spec: JobSpec
+    policy: Policy
+    manifest: Manifest
+    components: Components
+    dataset: ImageDataset
+    dataset_files: dict[str, str]
+    config: FinetuneConfig
+    base_fingerprint: str
+    lora_modules: list[str]
+    out: Path
+    log: Path
+    sources: dict[str, str] = field(default_factory=dict)  # spec / policy / manifest / base paths
+
+
+def _attempt(what: str, fn, problems: list[str]):
+    """``fn()``, or None with the reason appended to ``problems``."""
+    try:
+        return fn()
+    except (ManifestError, SignatureError, ModelError, ConfigError, OSError) as exc:
+        problems.append(f"{what}: {exc}")
+        return None
+
+
+def _listed_files(root: Path) -> list[str]:
+    """Image files metadata.jsonl names (bad lines are left to the loader to report)."""
+    names = []
+    try:
+        lines = (root / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("file_name"), str) and (root / row["file_name"]).is_file():
+            names.append(row["file_name"])
+    return names
+
+
+def _hash_files(root: Path, names: list[str]) -> dict[str, str]:
+    return {n: file_sha256(root / n) for n in ["metadata.jsonl", *dict.fromkeys(names)]}
+
+
+def _review_dataset(spec: JobSpec, resolution: int,
+                    problems: list[str]) -> tuple[ImageDataset | None, dict[str, str]]:
+    """Load the dataset, report every unreadable image/line, and hash the files it was built from.
+
+    Files are hashed before and after decoding: a file swapped while the job was being reviewed
+    would make the record's hashes describe data that was not trained on.
+    """
+    root = Path(spec.data.path)
+    try:
+        before = _hash_files(root, _listed_files(root)) if (root / "metadata.jsonl").is_file() else {}
+        ds = load_image_folder(root, resolution, caption_column=spec.data.caption_column,
+                               domains=spec.data.domains, skip_bad=True, seed=spec.train.seed)
+    except (DatasetError, OSError) as exc:
+        problems.append(f"dataset: {exc}")
+        return None, {}
+    if ds.skipped:
+        problems += [f"dataset: {msg}" for _, _, msg in ds.skipped]
+        return None, {}
+    inside = root.resolve()
+    escaped = [r.file_name for r in ds.records if not (root / r.file_name).resolve().is_relative_to(inside)]
+    if escaped:  # '../x' or a symlink out: the service must not read files the user cannot see
+        problems.append(f"dataset: file(s) outside the dataset folder: {escaped[:5]}")
+    if len(ds) < spec.train.batch_size:
+        problems.append(f"dataset: {len(ds)} image(s), fewer than train.batch_size {spec.train.batch_size}")
+    after = _hash_files(root, [r.file_name for r in ds.records])
+    changed = sorted(f for f, h in after.items() if before.get(f) != h)
+    if changed:
+        problems.append(f"dataset: file(s) changed while being read: {changed}")
+    return ds, after
+
+
+def _resolve_config(spec: JobSpec, base: str, resolution: int | None, out: Path, progress: bool) -> FinetuneConfig:
+    """The Trainer config of a job: the user's hyperparameters, the service's freeze."""
+    train = dict(spec.train.extra)
+    # The service's own settings: a progress bar if its caller wants one; no resumable checkpoints
+    # (a job is one run; the published folder holds the delta and its record, nothing else).
+    train.update(lr=spec.train.lr, steps=spec.train.steps, batch_size=spec.train.batch_size,
+                 seed=spec.train.seed, progress=progress, checkpoint_every=None)
+    cfg = from_dict(FinetuneConfig, {
+        "model": {"pretrained": str(base), "resolution": resolution},
+        "data": {"path": spec.data.path, "caption_column": spec.data.caption_column,
+                 "domains": spec.data.domains, "skip_bad": False},
+        "train": train,
+        "freeze": {"mode": "engine", "manifest": str(out / MANIFEST_FILE)},
+        "out_dir": str(out)})
+    return cfg.validate()
+
+
+def plan_job(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLike, *,
+             manifest: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike | None = None,
+             log_path: str | os.PathLike | None = None, key_file: str | os.PathLike | None = None,
+             job_id: str | None = None, progress: bool = False) -> JobPlan:
+    """Check a job against the policy before any work. Reads only; writes nothing.
+
+    Args:
+        spec: the user's job spec (object or YAML/JSON file).
+        policy: the publisher's policy (object or file).
+        manifest: the signed freeze manifest (JSON).
+        base: the base model folder (Stable Diffusion layout).
+        out: where the job folder will be published (default runs/jobs/<job_id>); must not exist.
+        log_path: the job log (default: jobs.jsonl next to ``out``).
+        key_file: verification key; overrides the policy's ``signature.key_file``.
+        progress: show a progress bar while the job trains (the command line does).
+    Raises:
+        PolicyViolation listing every problem found; ConfigError for an unparsable spec/policy.
+    """
+    sources: dict[str, str] = {}
+    if not isinstance(spec, JobSpec):
+        sources["spec"] = str(spec)
+        spec = JobSpec.load(spec)
+    if not isinstance(policy, Policy):
+        sources["policy"] = str(policy)
+        policy = Policy.load(policy)
+    sources.update(manifest=str(manifest), base=str(base))
+    job_id = job_id or f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    out = Path(out) if out is not None else Path("runs/jobs") / job_id
+    log_path = Path(log_path) if log_path is not None else out.parent / "jobs.jsonl"
+
+    problems: list[str] = []
+    if out.exists():
+        problems.append(f"output folder {str(out)!r} already exists; a job never overwrites results")
+    if log_path.exists() and (bad := tail_problem(log_path)):
+        problems.append(f"job log {str(log_path)!r}: {bad}")
+    key_path = key_file or policy.signature.key_file
+    key = None
+    if key_path is None:
+        problems.append("publisher key: none given (set signature.key_file in the policy or pass --key-file)")
+    else:
+        key = _attempt("publisher key", lambda: load_key(key_path, policy.signature.algorithm), problems)
+    man = _attempt("manifest", lambda: Manifest.load(manifest), problems)
+    comps = _attempt("base model", lambda: load_components(base), problems)
+
+    problems += spec_problems(spec, policy, man.mask() if man is not None else None)
+    if man is not None and key is not None:
+        problems += manifest_signature_problems(man, key)
+    fingerprint, lora_modules = "", []
+    if comps is not None:
+        fingerprint, found = base_problems(policy, man, comps.unet, comps.text_encoder)
+        problems += found
+        # Module names resolve against the mask only when the manifest fits the model's tensors.
+        if spec.method == "lora" and man is not None and not man.model_problems(comps.unet, fingerprint=False):
+            lora_modules, found = resolve_lora_targets(comps.unet, man.mask(comps.unet),
+                                                       spec.lora_settings.targets)
+            problems += found
+
+    resolution = spec.train.resolution
+    if comps is not None:
+        if resolution is not None and resolution != comps.resolution:
+            problems.append(f"train.resolution {resolution} differs from the base model's {comps.resolution}")
+        elif resolution is None and comps.resolution > policy.max_resolution:
+            problems.append(f"the base model's resolution {comps.resolution} exceeds the policy cap "
+                            f"max_resolution {policy.max_resolution}")
+        resolution = comps.resolution
+    dataset, files = _review_dataset(spec, resolution, problems) if resolution else (None, {})
+
+    cfg = None
+    if not extra_problems(spec.train.extra, policy):  # else reported by spec_problems already
+        cfg = _attempt("training config", lambda: _resolve_config(spec, str(base), resolution, out, progress), problems)
+    if problems:
+        raise PolicyViolation(problems)
+    return JobPlan(job_id=job_id, spec=spec, policy=policy, manifest=man, components=comps,
+                   dataset=dataset, dataset_files=files, config=cfg, base_fingerprint=fingerprint,
+                   lora_modules=lora_modules, out=out, log=log_path, sources=sources)

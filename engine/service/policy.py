@@ -1,0 +1,249 @@
+"""What a publisher allows (``Policy``), and the rules that compare a job spec with it before any
+work starts.
+
+Every check returns a list of problems instead of raising at the first one, so a refusal
+(``PolicyViolation``) names everything wrong with a job at once.
+
+Rules enforced (FreezeAsGuard's threat model: the freeze is useless if a job can route around it):
+
+* the base UNet is the one the policy pins (fingerprint), and the manifest was made for it;
+* the manifest carries a valid publisher signature over its digest;
+* method is allowed; LoRA only on modules whose tensors are *all* trainable under the mask
+  (an adapter on a frozen module restores its adaptability as W + BA);
+* text encoder, token embeddings and VAE are locked; the freeze cannot be lifted or changed;
+* learning rate, steps, batch, resolution and LoRA rank are capped; optimizers are allow-listed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from freezeasguard.engine.config import TrainConfig, from_dict, load_file
+from freezeasguard.engine.errors import ConfigError
+from freezeasguard.engine.guard.hashing import model_fingerprint
+from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.service.signing import ALGORITHMS, ED25519, Key, signature_problem
+from freezeasguard.engine.service.spec import METHODS, JobSpec
+
+# Train settings the service owns: where and how it runs, not how the model learns.
+SERVICE_TRAIN_KEYS = frozenset({"device", "num_threads", "progress", "log_every", "checkpoint_every",
+                                "keep_checkpoints"})
+# Set through JobSpec.train's own fields; `extra` must not restate them.
+FIRST_CLASS_TRAIN_KEYS = frozenset({"lr", "steps", "batch_size", "seed"})
+# Methods users ask for by name that exist only to train what the guard locks.
+_LOCKED_METHODS = {
+    "textual_inversion": "trains token embeddings, which are locked",
+    "text_encoder": "trains the text encoder, which is locked",
+    "dreambooth_text_encoder": "trains the text encoder, which is locked",
+}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class SignaturePolicy:
+    algorithm: str = ED25519
+    """'ed25519' (the service holds only the public key) or 'hmac-sha256' (shared secret)."""
+    key_file: str | None = None
+    """Verification key file (relative to the policy file's folder); a job may instead be given
+    the key file directly (``job submit --key-file``)."""
+
+
+@dataclass
+class Policy:
+    base_fingerprint: str = ""
+    """model_fingerprint of the base UNet every job must start from (required)."""
+    text_encoder_fingerprint: str | None = None
+    """If set, model_fingerprint of the base text encoder (pins it too)."""
+    max_lr: float = 1e-4
+    """Largest learning rate a job may use."""
+    max_steps: int = 2000
+    """Most optimizer steps a job may run."""
+    max_batch_size: int = 16
+    """Largest global batch."""
+    max_resolution: int = 512
+    """Largest training resolution in pixels."""
+    max_lora_rank: int = 64
+    """Largest LoRA rank."""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """Allowed methods ('full', 'lora')."""
+    optimizers: list[str] = field(default_factory=lambda: ["adamw"])
+    """Allowed train.optimizer values."""
+    signature: SignaturePolicy = field(default_factory=SignaturePolicy)
+    """How manifests must be signed."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON of the policy (recorded with every job)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def problems(self) -> list[str]:
+        checks = [
+            (bool(_HEX64.match(self.base_fingerprint)),
+             "base_fingerprint must be the 64-digit hex model_fingerprint of the base UNet"),
+            (self.text_encoder_fingerprint is None or bool(_HEX64.match(self.text_encoder_fingerprint)),
+             "text_encoder_fingerprint must be 64 hex digits or null"),
+            (self.max_lr > 0, "max_lr must be > 0"),
+            (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.max_batch_size >= 1, "max_batch_size must be >= 1"),
+            (self.max_resolution >= 1, "max_resolution must be >= 1"),
+            (self.max_lora_rank >= 1, "max_lora_rank must be >= 1"),
+            (bool(self.methods) and set(self.methods) <= set(METHODS),
+             f"methods must be a non-empty subset of {list(METHODS)}"),
+            (bool(self.optimizers) and set(self.optimizers) <= {"adamw", "adamw8bit"},
+             "optimizers must be a non-empty subset of ['adamw', 'adamw8bit']"),
+            (self.signature.algorithm in ALGORITHMS, f"signature.algorithm must be one of {list(ALGORITHMS)}"),
+        ]
+        return [msg for ok, msg in checks if not ok]
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "policy", root: Path | None = None) -> "Policy":
+        """Parse strictly; a relative ``signature.key_file`` is resolved against ``root``."""
+        try:
+            policy = from_dict(cls, data)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        problems = policy.problems()
+        if problems:
+            raise ConfigError(f"{source} is not a usable policy:\n  " + "\n  ".join(problems))
+        kf = policy.signature.key_file
+        if kf and root is not None and not Path(kf).is_absolute():
+            policy.signature.key_file = str(root / kf)
+        return policy
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Policy":
+        path = Path(path)
+        return cls.from_dict(load_file(path), source=f"policy {str(path)!r}", root=path.parent)
+
+
+# ---------------------------------------------------------------------------------------- rules
+def spec_problems(spec: JobSpec, policy: Policy, mask: FreezeMask | None = None) -> list[str]:
+    """Caps, methods, optimizer, locked components and freeze overrides (no model needed).
+
+    With ``mask``, each ``unfreeze`` name is also classified (frozen / already trainable /
+    not a tensor of the UNet), so the refusal says exactly what was attempted.
+    """
+    out: list[str] = []
+    t = spec.train
+    if spec.method not in METHODS:
+        why = _LOCKED_METHODS.get(spec.method, f"known methods are {list(METHODS)}")
+        out.append(f"method {spec.method!r} is not available: {why}")
+    elif spec.method not in policy.methods:
+        out.append(f"method {spec.method!r} is not allowed by the policy (allowed: {policy.methods})")
+    if spec.method != "lora" and spec.lora is not None:
+        out.append(f"'lora' settings were given but method is {spec.method!r}")
+    if spec.method == "lora":
+        lo = spec.lora_settings
+        if not 1 <= lo.rank <= policy.max_lora_rank:
+            out.append(f"lora.rank {lo.rank} is outside [1, {policy.max_lora_rank}] (policy max_lora_rank)")
+        if lo.alpha <= 0:
+            out.append(f"lora.alpha must be > 0, got {lo.alpha}")
+        if not 0.0 <= lo.dropout < 1.0:
+            out.append(f"lora.dropout must be in [0, 1), got {lo.dropout}")
+        if not lo.targets:
+            out.append("lora.targets is empty")
+
+    if not t.lr > 0:
+        out.append(f"train.lr must be > 0, got {t.lr}")
+    elif t.lr > policy.max_lr:
+        out.append(f"train.lr {t.lr:g} exceeds the policy cap max_lr {policy.max_lr:g}")
+    if t.steps < 1:
+        out.append(f"train.steps must be >= 1, got {t.steps}")
+    elif t.steps > policy.max_steps:
+        out.append(f"train.steps {t.steps} exceeds the policy cap max_steps {policy.max_steps}")
+    if t.batch_size < 1:
+        out.append(f"train.batch_size must be >= 1, got {t.batch_size}")
+    elif t.batch_size > policy.max_batch_size:
+        out.append(f"train.batch_size {t.batch_size} exceeds the policy cap max_batch_size "
+                   f"{policy.max_batch_size}")
+    if t.resolution is not None and t.resolution > policy.max_resolution:
+        out.append(f"train.resolution {t.resolution} exceeds the policy cap max_resolution "
+                   f"{policy.max_resolution}")
+    out += extra_problems(t.extra, policy)
+
+    if spec.train_text_encoder:
+        out.append("train_text_encoder: the text encoder is locked; jobs train the UNet only")
+    if spec.train_embeddings:
+        out.append("train_embeddings: token embeddings are locked (no textual inversion)")
+    if spec.train_vae:
+        out.append("train_vae: the VAE is locked; jobs train the UNet only")
+    if spec.freeze is not None:
+        out.append(f"freeze: freeze settings are fixed by the service and the publisher's manifest "
+                   f"(got {sorted(spec.freeze)})")
+    for name in spec.unfreeze:
+        if mask is None:
+            out.append(f"unfreeze: {name!r}: the freeze is the publisher's; a job cannot lift it")
+        elif name in mask.frozen_set:
+            out.append(f"unfreeze: {name!r} is frozen by the publisher's manifest and stays frozen")
+        elif name in mask.names:
+            out.append(f"unfreeze: {name!r} is already trainable; 'unfreeze' is not a job setting")
+        else:
+            out.append(f"unfreeze: {name!r} is not a tensor of the base UNet")
+    return out
+
+
+def extra_problems(extra: dict[str, Any], policy: Policy) -> list[str]:
+    """Problems of ``train.extra``: unknown or mistyped TrainConfig keys (closest key named),
+    service-owned keys, restated first-class keys, optimizers the policy does not allow."""
+    out = []
+    restated = sorted(set(extra) & FIRST_CLASS_TRAIN_KEYS)
+    if restated:
+        out.append(f"train.extra restates {restated}; set them as train.<key> instead")
+    service = sorted(set(extra) & SERVICE_TRAIN_KEYS)
+    if service:
+        out.append(f"train.extra sets {service}, which the service controls")
+    for k, v in extra.items():
+        if k in FIRST_CLASS_TRAIN_KEYS | SERVICE_TRAIN_KEYS:
+            continue
+        try:  # one key at a time, so every bad key is named (unknown ones with the closest key)
+            parsed = from_dict(TrainConfig, {k: v})
+        except ConfigError as exc:
+            out.append(f"train.extra: {exc}")
+            continue
+        if k == "optimizer" and parsed.optimizer not in policy.optimizers:
+            out.append(f"train.extra.optimizer {parsed.optimizer!r} is not allowed by the policy "
+                       f"(allowed: {policy.optimizers})")
+    return out
+
+
+def base_problems(policy: Policy, manifest: Manifest | None, unet: nn.Module,
+                  text_encoder: nn.Module | None = None) -> tuple[str, list[str]]:
+    """Pin the base model and bind the manifest (if it could be read) to it.
+
+    Returns:
+        (the UNet's fingerprint, problems).
+    """
+    out: list[str] = []
+    found = model_fingerprint(unet)
+    if found != policy.base_fingerprint:
+        out.append(f"base UNet fingerprint {found[:16]}... is not the pinned "
+                   f"{policy.base_fingerprint[:16]}...: the base model was modified or replaced")
+    if manifest is not None:
+        if manifest.base_fingerprint != policy.base_fingerprint:
+            out.append(f"the manifest was made for base {manifest.base_fingerprint[:16]}..., not the "
+                       f"pinned {policy.base_fingerprint[:16]}...")
+        # The fingerprint was compared above; hashing the whole model again buys nothing.
+        out += [f"manifest vs base UNet: {p}" for p in manifest.model_problems(unet, fingerprint=False)]
+    if policy.text_encoder_fingerprint is not None:
+        if text_encoder is None:
+            out.append("the policy pins a text encoder, but the base model has none")
+        elif model_fingerprint(text_encoder) != policy.text_encoder_fingerprint:
+            out.append("base text encoder fingerprint is not the pinned one: it was modified or replaced")
+    return found, out
+
+
+def manifest_signature_problems(manifest: Manifest, key: Key) -> list[str]:
+    problem = signature_problem(manifest.digest(), manifest.signature, key)
+    return [] if problem is None else [f"manifest signature: {problem}"]

@@ -1,0 +1,192 @@
+"""Running an accepted job: train, prove, publish, record.
+
+``run_job`` trains with the engine's freeze (``freeze.mode='engine'``) in a staging folder, writes
+the *delta* (only the trainable tensors; for LoRA only the adapter tensors), proves that every
+frozen tensor is bit-identical to the signed manifest, publishes the folder in one rename, and
+appends the job record (dataset file hashes, resolved config, manifest digest, base fingerprint,
+output hash, verify result) to the hash-chained job log (``service.joblog``). ``audit_jobs``
+checks a log and, optionally, every published output.
+
+``freezeasguard.engine.service.delta.merge_delta`` is the other end: it applies a delta to the base
+and refuses one that would change a frozen tensor or names a tensor the base does not have.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from freezeasguard.engine import __version__
+from freezeasguard.engine.errors import JobError, JobLogError
+from freezeasguard.engine.guard.verify import VerifyReport
+from freezeasguard.engine.io import atomic_dir, atomic_write_json, save_safetensors_atomic
+from freezeasguard.engine.service.delta import DELTA_FORMAT
+from freezeasguard.engine.service.joblog import AuditReport, append_record, audit
+from freezeasguard.engine.service.lora import LoraWiring
+from freezeasguard.engine.service.plan import MANIFEST_FILE, JobPlan, file_sha256, plan_job
+from freezeasguard.engine.service.policy import Policy
+from freezeasguard.engine.service.spec import JobSpec
+from freezeasguard.engine.train.trainer import Trainer
+
+log = logging.getLogger("freezeasguard")
+
+RECORD_SCHEMA = "freezeasguard.job/1"
+DELTA_FILE, RECORD_FILE = "delta.safetensors", "record.json"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class JobResult:
+    out: Path
+    record: dict[str, Any]
+    log_entry: dict[str, Any]
+
+
+def _verify_dict(report: VerifyReport | None, why_none: str = "") -> dict[str, Any]:
+    if report is None:
+        return {"ok": False, "checked": 0, "summary": f"not verified: {why_none}", "failures": []}
+    return {"ok": report.ok, "checked": report.checked, "summary": report.summary(),
+            "failures": [report.details[n] for n in report.failures]}
+
+
+def _base_record(plan: JobPlan, started: str) -> dict[str, Any]:
+    spec = plan.spec
+    cfg = plan.config.to_dict()
+    method: dict[str, Any] = {"name": spec.method}
+    if spec.method == "lora":
+        method.update(dataclasses.asdict(spec.lora_settings), modules=plan.lora_modules)
+    return {
+        "schema": RECORD_SCHEMA, "job_id": plan.job_id, "name": spec.name, "version": __version__,
+        "started": started, "sources": plan.sources, "spec": spec.to_dict(),
+        "policy_digest": plan.policy.digest(), "config": cfg, "method": method,
+        "dataset": {"path": spec.data.path, "images": len(plan.dataset), "files": plan.dataset_files},
+        "manifest": {"digest": plan.manifest.digest(), "counts": plan.manifest.counts,
+                     "signature": {k: (plan.manifest.signature or {}).get(k) for k in ("alg", "key_id")}},
+        "base": {"fingerprint": plan.base_fingerprint},
+    }
+
+
+def run_job(plan: JobPlan) -> JobResult:
+    """Train an accepted job, prove the freeze held, publish the delta and log the record.
+
+    Raises:
+        JobError when the proof fails. Any failure after acceptance is logged as a "failed"
+        record, and no output is published.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank would publish and log the same job; jobs are one process (or one GPU).
+        raise JobError("guarded jobs run in a single process; launch them without torchrun")
+    record = _base_record(plan, _now())
+    try:
+        return _run(plan, record)
+    except JobLogError:
+        raise
+    except Exception as exc:
+        # An accepted job that failed (a broken proof, a non-finite loss, ...) is still on the
+        # record; its staging folder is gone, so nothing unproven is ever published.
+        record.update(status="failed", finished=_now(), output=None, error=f"{type(exc).__name__}: {exc}")
+        record.setdefault("verify", _verify_dict(None, "the job did not finish"))
+        append_record(plan.log, record)
+        raise
+
+
+def _run(plan: JobPlan, record: dict[str, Any]) -> JobResult:
+    with atomic_dir(plan.out) as stage:
+        # The trainer reads the manifest it enforces from this copy: the exact object that was
+        # reviewed and signature-checked, not a path the user could swap after review.
+        plan.manifest.save(stage / MANIFEST_FILE)
+        cfg = dataclasses.replace(plan.config, out_dir=str(stage),
+                                  freeze=dataclasses.replace(plan.config.freeze,
+                                                             manifest=str(stage / MANIFEST_FILE)))
+        wiring = None
+        if plan.spec.method == "lora":
+            wiring = LoraWiring(plan.lora_modules, plan.spec.lora_settings, cfg.train, manifest=plan.manifest,
+                                frozen_conv=cfg.freeze.frozen_conv)
+        trainer = Trainer(cfg, components=plan.components, dataset=plan.dataset, wiring=wiring)
+        if wiring is not None:
+            trainer.guard = wiring.guard
+        history = trainer.fit()
+        # The trainer recorded the staging paths; the published folder names its final ones.
+        run_cfg = json.loads((stage / "config.json").read_text())
+        atomic_write_json(stage / "config.json", {**run_cfg, "config": plan.config.to_dict()})
+        record["train"] = {"steps": trainer.step, "losses": [s.loss for s in history]}
+        enforced = getattr(trainer.guard, "manifest", None)
+        if enforced is None or enforced.digest() != plan.manifest.digest():
+            record["verify"] = _verify_dict(None, "the trainer did not enforce the reviewed manifest")
+        else:
+            record["verify"] = _verify_dict(trainer.verify_frozen())
+        if not record["verify"]["ok"]:
+            raise JobError(f"job {plan.job_id}: the freeze could not be proven: "
+                           f"{record['verify']['summary']}; nothing was published")
+
+        delta = trainer.trainable_state()
+        if wiring is not None:
+            delta = {wiring.delta_name(n): t for n, t in delta.items()}
+        leaked = sorted(set(delta) & set(plan.manifest.frozen_names))
+        if leaked:  # cannot happen with the engine's wiring; the delta must never carry them
+            raise JobError(f"job {plan.job_id}: the delta would contain frozen tensors {leaked[:5]}")
+        meta = {"format": DELTA_FORMAT, "job_id": plan.job_id, "method": plan.spec.method,
+                "base_fingerprint": plan.base_fingerprint, "manifest_digest": plan.manifest.digest()}
+        if wiring is not None:
+            lo = plan.spec.lora_settings
+            meta.update(lora_rank=str(lo.rank), lora_alpha=repr(float(lo.alpha)))
+        save_safetensors_atomic(delta, stage / DELTA_FILE, metadata=meta)
+        record["output"] = {"path": str((plan.out / DELTA_FILE).absolute()), "file": DELTA_FILE,
+                            "sha256": file_sha256(stage / DELTA_FILE),
+                            "bytes": (stage / DELTA_FILE).stat().st_size, "tensors": len(delta),
+                            "params": sum(t.numel() for t in delta.values())}
+        record.update(status="completed", finished=_now())
+        atomic_write_json(stage / RECORD_FILE, record)
+    entry = append_record(plan.log, record)
+    log.info("job %s completed: %s; delta %s (%d tensors); logged as #%d", plan.job_id,
+             record["verify"]["summary"], plan.out / DELTA_FILE, len(delta), entry["seq"])
+    return JobResult(plan.out, record, entry)
+
+
+def submit(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLike, **kw) -> JobResult:
+    """``plan_job`` then ``run_job`` (keyword arguments as in ``plan_job``)."""
+    return run_job(plan_job(spec, policy, **kw))
+
+
+# --------------------------------------------------------------------------------------- audit
+_RECORD_KEYS = ("schema", "job_id", "status", "spec", "config", "dataset", "manifest", "base",
+                "verify", "output")
+
+
+def record_problems(record: Mapping[str, Any], *, outputs: bool = False) -> list[str]:
+    """What is wrong with one job record; with ``outputs``, also re-hash its delta file."""
+    missing = [k for k in _RECORD_KEYS if k not in record]
+    if missing:
+        return [f"job record lacks {missing}"]
+    if record["schema"] != RECORD_SCHEMA:
+        return [f"unknown job record schema {record['schema']!r}"]
+    out: list[str] = []
+    if record["status"] == "completed":
+        if not (isinstance(record["verify"], dict) and record["verify"].get("ok") is True):
+            out.append(f"job {record['job_id']}: completed without a passing freeze verification")
+        o = record["output"]
+        if not isinstance(o, dict) or not isinstance(o.get("sha256"), str):
+            out.append(f"job {record['job_id']}: completed without an output hash")
+        elif outputs:
+            path = Path(o.get("path", ""))
+            if not path.is_file():
+                out.append(f"job {record['job_id']}: output {str(path)!r} is missing")
+            elif file_sha256(path) != o["sha256"]:
+                out.append(f"job {record['job_id']}: output {str(path)!r} does not match its recorded sha256")
+    elif record["status"] != "failed":
+        out.append(f"job {record['job_id']}: unknown status {record['status']!r}")
+    return out
+
+
+def audit_jobs(path: str | os.PathLike, *, outputs: bool = False,
+               expect_head: str | None = None) -> AuditReport:
+    """Verify a job log's hash chain and every record in it (see ``joblog.audit``)."""
+    return audit(path, check_record=lambda r: record_problems(r, outputs=outputs), expect_head=expect_head)

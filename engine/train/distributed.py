@@ -1,0 +1,57 @@
+"""torch.distributed under torchrun: joining the process group, and the collectives the engine uses.
+
+Order matters on GPUs: every process pins its own device (``torch.cuda.set_device(local_rank)``)
+*before* the NCCL process group is created and before any collective, or NCCL's communicators (and
+the first collective's buffers) land on GPU 0 for every rank. Checkpoints are written by the main
+process between two barriers, so no rank runs ahead while it writes, and none reads a checkpoint
+that is not complete.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every process (no-op in a single process)."""
+        if self.world > 1:
+            dist.barrier()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over processes, in place (no-op in a single process)."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1).
+
+    On CUDA the process's GPU is set first (``LOCAL_RANK``), then the NCCL group is created bound to
+    it; elsewhere the gloo backend is used.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world <= 1:
+        return DistInfo()
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)

@@ -1,0 +1,376 @@
+"""Diffusion fine-tuning: the training step and the trainer (logs, checkpoints, resume, DDP).
+
+Determinism: everything random in step ``s`` comes from generators seeded by ``(seed, s)`` and is
+drawn for the global batch (``train.batches``), so N steps + resume + N steps equals 2N steps bit
+for bit, and 2 processes under DDP see exactly the samples one process sees at the same global
+batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from freezeasguard.engine import __version__
+from freezeasguard.engine.config import FinetuneConfig
+from freezeasguard.engine.errors import TrainingError
+from freezeasguard.engine.io import atomic_write_json
+from freezeasguard.engine.model.attention import set_attention_backend
+from freezeasguard.engine.model.components import Components, build_components, load_components, save_components
+from freezeasguard.engine.model.data import load_dataset
+from freezeasguard.engine.model.diffusion import diffusion_loss
+from freezeasguard.engine.model.encode import prepare_data
+from freezeasguard.engine.model.presets import get_preset
+from freezeasguard.engine.model.tokenizer import caption_words
+from freezeasguard.engine.optim.groups import describe_groups
+from freezeasguard.engine.train import checkpoint as ckpt
+from freezeasguard.engine.train.batches import GlobalBatches, step_generator
+from freezeasguard.engine.train.distributed import init_distributed
+from freezeasguard.engine.train.ledger import count_saved_activations, memory_ledger
+from freezeasguard.engine.train.wiring import apply_freeze
+
+log = logging.getLogger("freezeasguard")
+
+# Settings a resumed run may change: how long it runs and how it reports, not what it learns.
+RESUME_FREE_KEYS = ("out_dir", "train.steps", "train.progress", "train.log_every", "train.checkpoint_every",
+                    "train.keep_checkpoints", "train.device", "train.num_threads")
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    step_time: float
+    samples_per_s: float
+    memory: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "memory"}
+        d.update(self.memory)
+        return d
+
+
+def _memory_now(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"cuda_max_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+class Trainer:
+    """Fine-tunes a text-to-image diffusion UNet (text encoder and VAE stay frozen).
+
+    Args:
+        cfg: the resolved config.
+        components: networks to train (default: built or loaded per ``cfg.model``).
+        dataset: an ImageDataset (default: loaded per ``cfg.data``).
+        wiring: builds (trainable named params, optimizer) from the UNet; the freeze engine
+            plugs in here. Default: every UNet tensor trainable, torch AdamW.
+    """
+
+    def __init__(self, cfg: FinetuneConfig, components: Components | None = None, dataset=None,
+                 wiring: Callable | None = None):
+        self.cfg = cfg.validate()
+        tc = cfg.train
+        if tc.num_threads:
+            torch.set_num_threads(tc.num_threads)
+        dev = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist = init_distributed(torch.device(dev).type)
+        if dev == "cuda":
+            dev = f"cuda:{self.dist.local_rank}"
+        self.device = torch.device(dev)
+        if self.cfg.train.batch_size % (self.dist.world * tc.grad_accum):
+            raise TrainingError(f"train.batch_size {tc.batch_size} must be divisible by processes "
+                                f"({self.dist.world}) x grad_accum ({tc.grad_accum})")
+        self.out = Path(cfg.out_dir)
+
+        if dataset is None:
+            res = self._resolution_hint(components)
+            dataset = load_dataset(cfg.data.path, res, caption_column=cfg.data.caption_column,
+                                   domains=cfg.data.domains, center_crop=cfg.data.center_crop,
+                                   skip_bad=cfg.data.skip_bad, seed=tc.seed) if cfg.data.path != "digits" \
+                else load_dataset("digits", res, domains=cfg.data.domains)
+        self.dataset = dataset
+        if components is None:
+            components = self._build_components(dataset)
+        self.c = components.to(self.device)
+        if dataset.resolution != self.c.resolution:
+            raise TrainingError(f"dataset resolution {dataset.resolution} != model resolution {self.c.resolution}")
+        for m in (self.c.text_encoder, self.c.vae):
+            if m is not None:
+                m.requires_grad_(False).eval()
+        self._set_attention()
+        if tc.gradient_checkpointing:
+            self.c.unet.enable_gradient_checkpointing()
+        self.data = prepare_data(self.c, dataset, cache=cfg.data.cache, random_flip=cfg.data.random_flip,
+                                 device=self.device, progress=tc.progress and self.dist.is_main)
+        self.batches = GlobalBatches(len(self.data), tc.batch_size, tc.seed)
+
+        self.c.unet.train()
+        self.guard = None  # set by the default wiring (freeze.py); custom wirings may set it too
+        self.named_trainable, self.optimizer = (wiring or self._default_wiring)(self.c.unet)
+        self.trainable = [p for _, p in self.named_trainable]
+        self.model: nn.Module = self.c.unet
+        if self.dist.world > 1:
+            self.model = DDP(self.c.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
+        self.step = 0
+        self.history: list[StepStats] = []
+        # When set, the next steps record a memory ledger (train/ledger.py) at their peak point:
+        # after backward and the optimizer step, before gradients are zeroed.
+        self.measure_memory = False
+        self.last_ledger = None
+
+    # setup -------------------------------------------------------------------------------------
+    def _resolution_hint(self, components: Components | None) -> int:
+        if components is not None:
+            return components.resolution
+        m = self.cfg.model
+        if m.pretrained:
+            index = Path(m.pretrained) / "model_index.json"
+            if index.is_file():
+                r = json.loads(index.read_text()).get("_freezeasguard", {}).get("resolution")
+                if r:
+                    return int(r)
+            if m.resolution:
+                return m.resolution
+            return load_components(m.pretrained).resolution
+        return m.resolution or get_preset(m.preset).resolution
+
+    def _build_components(self, dataset) -> Components:
+        m = self.cfg.model
+        if m.pretrained:
+            return load_components(m.pretrained)
+        return build_components(m.preset, space=m.space, resolution=dataset.resolution,
+                                prediction_type=m.prediction_type,
+                                extra_words=caption_words(dataset.captions), seed=self.cfg.train.seed)
+
+    def _set_attention(self) -> None:
+        set_attention_backend(self.c.unet, self.cfg.model.attention)
+
+    def _default_wiring(self, unet: nn.Module):
+        self.guard, named, opt = apply_freeze(self.cfg, unet, self.device)
+        if self.dist.is_main:
+            if self.guard.mask is not None:
+                log.info("freeze (%s): %s; %d frozen convs without saved input", self.cfg.freeze.mode,
+                         self.guard.mask.summary(), self.guard.frozen_convs)
+            if hasattr(opt, "describe"):
+                log.info(opt.describe())
+            else:
+                log.info(describe_groups(opt.param_groups))
+        return named, opt
+
+    # checkpoints -------------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return ckpt.checkpoint_dir(self.checkpoint_root, step)
+
+    def save_checkpoint(self) -> Path:
+        """Trainable UNet tensors + optimizer and schedule state + step, as one atomic folder.
+
+        The main process writes it between two barriers: no process runs ahead while it is
+        written, and none can read it before it is complete."""
+        path = self.checkpoint_dir(self.step)
+        self.dist.barrier()
+        if self.dist.is_main:
+            ckpt.write_checkpoint(
+                self.checkpoint_root, self.step, tensors={"trainable": dict(self.named_trainable)},
+                objects={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                state={"trainable": [n for n, _ in self.named_trainable], "config": self.cfg.to_dict(),
+                       "version": __version__},
+                keep=self.cfg.train.keep_checkpoints)
+        self.dist.barrier()
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        return ckpt.latest_checkpoint(self.checkpoint_root)
+
+    def resume(self, path: str | Path | None = None) -> int:
+        """Load a checkpoint (default: the latest under out_dir); returns its step.
+
+        Refused when it was written for other trainable tensors or with settings that change what
+        is learned (only ``RESUME_FREE_KEYS`` may differ). The step log is trimmed to the
+        checkpoint's step, so every step appears in it once.
+        """
+        found = ckpt.read_checkpoint(path, self.checkpoint_root)
+        if found is None:
+            where = path if path is not None else self.checkpoint_root
+            raise TrainingError(f"no checkpoint to resume from under {where} (a run writes one at its "
+                                "last step and every train.checkpoint_every steps)")
+        names = [n for n, _ in self.named_trainable]
+        if found.state.get("trainable") != names:
+            raise TrainingError(f"checkpoint {found.path} was written for a different set of trainable tensors")
+        diff = ckpt.config_differences(self.cfg.to_dict(), found.state.get("config", {}), RESUME_FREE_KEYS)
+        if diff:
+            raise TrainingError(f"checkpoint {found.path} was written with other settings: {diff} "
+                                f"(only {list(RESUME_FREE_KEYS)} may change on resume)")
+        tensors = found.tensors("trainable")
+        with torch.no_grad():
+            for n, p in self.named_trainable:
+                p.copy_(tensors[n])
+        self.optimizer.load_state_dict(found.object("optimizer", self.device))
+        self.scheduler.load_state_dict(found.object("scheduler", self.device))
+        self.step = found.step
+        if self.dist.is_main:
+            ckpt.trim_log(self.out / "log.jsonl", self.step)
+        return self.step
+
+    # the step ----------------------------------------------------------------------------------
+    def _step_inputs(self, step: int):
+        """Global-batch randomness of one step, sliced to this process."""
+        tc, n_glob = self.cfg.train, self.cfg.train.batch_size
+        g = step_generator(tc.seed, step)
+        idx = self.batches(step)
+        shape = self.data.sample_shape
+        noise = torch.randn((n_glob, *shape), generator=g)
+        t = self.c.schedule.sample_timesteps(n_glob, generator=g)
+        flip = torch.rand(n_glob, generator=g) < 0.5
+        eps = torch.randn((n_glob, *shape), generator=g)
+        mine = slice(self.dist.rank, None, self.dist.world)
+        return idx[mine], noise[mine], t[mine], flip[mine], eps[mine]
+
+    def train_step(self) -> StepStats:
+        tc = self.cfg.train
+        t0 = time.perf_counter()
+        idx, noise, t, flip, eps = self._step_inputs(self.step)
+        chunks = torch.arange(len(idx)).chunk(tc.grad_accum)
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.mixed_precision == "bf16")
+        total = torch.zeros((), device=self.device)
+        saved = None
+        for i, ch in enumerate(chunks):
+            x0, cond = self.data.batch(idx[ch], flip[ch], eps[ch], self.device)
+            sync = i == len(chunks) - 1 or self.dist.world == 1
+            ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
+            counting = self.measure_memory and i == 0
+            if counting:  # activations saved for backward, counted on the first micro-batch
+                counter = count_saved_activations(self.c.unet)
+            else:
+                counter = contextlib.nullcontext()
+            with ctx:  # no_sync (DDP, not the last micro-batch) covers forward and backward
+                with counter as saved_now, amp:
+                    loss = diffusion_loss(self.model, self.c.schedule, x0, cond,
+                                          noise[ch].to(self.device), t[ch].to(self.device))
+                if counting:
+                    saved = saved_now
+                (loss * (len(ch) / len(idx))).backward()
+            total += loss.detach() * (len(ch) / len(idx))
+        if self.dist.world > 1:
+            self.dist.all_reduce(total)
+            total /= self.dist.world
+        loss_value = float(total)
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"loss is {loss_value} at step {self.step} (lr {self.scheduler.get_last_lr()[0]:g}); "
+                                "lower train.lr, enable clipping, or check the data")
+        if hasattr(self.optimizer, "clip_grad_norm_"):  # flat buffer: one reduction, clip in-kernel
+            gn = float(self.optimizer.clip_grad_norm_(tc.max_grad_norm))
+        elif tc.max_grad_norm is not None:
+            gn = float(torch.nn.utils.clip_grad_norm_(self.trainable, tc.max_grad_norm))
+        else:
+            gn = float(torch.linalg.vector_norm(torch.stack(
+                [p.grad.norm() for p in self.trainable if p.grad is not None])))
+        lr = self.scheduler.get_last_lr()[0]
+        if not math.isfinite(gn):
+            raise TrainingError(f"gradient norm is {gn} at step {self.step} (loss {loss_value:.4g}): nothing was "
+                                "updated; lower train.lr, check the data, or use train.mixed_precision=fp32")
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.measure_memory:
+            frozen = self.guard.frozen_names if self.guard is not None else None
+            self.last_ledger = memory_ledger(self.c.unet, self.optimizer, saved_activation_bytes=saved,
+                                             frozen_names=frozen or None)
+        self.optimizer.zero_grad(set_to_none=getattr(self.optimizer, "zero_grad_set_to_none", True))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.step += 1
+        return StepStats(self.step, loss_value, lr, gn, dt, tc.batch_size / dt, _memory_now(self.device))
+
+    # the loop ----------------------------------------------------------------------------------
+    def fit(self, steps: int | None = None, on_step: Callable[[StepStats], None] | None = None) -> list[StepStats]:
+        """Train up to ``steps`` (default: ``cfg.train.steps``) total steps."""
+        tc = self.cfg.train
+        end = steps if steps is not None else tc.steps
+        main = self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out / "config.json", {"config": self.cfg.to_dict(), "version": __version__,
+                                                         "world_size": self.dist.world,
+                                                         "device": str(self.device)})
+        bar = None
+        if tc.progress and main:
+            bar = tqdm(total=end, initial=self.step, desc="fine-tuning", unit="step", dynamic_ncols=True)
+        logf = open(self.out / "log.jsonl", "a") if main else None
+        try:
+            while self.step < end:
+                s = self.train_step()
+                self.history.append(s)
+                if on_step:
+                    on_step(s)
+                if logf and (s.step % tc.log_every == 0 or s.step == end):
+                    logf.write(json.dumps(s.to_dict()) + "\n")
+                    logf.flush()
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{s.loss:.4f}", gn=f"{s.grad_norm:.2f}", sps=f"{s.samples_per_s:.1f}")
+                if self._checkpoint_due(s.step, end):
+                    self.save_checkpoint()
+        finally:
+            if bar:
+                bar.close()
+            if logf:
+                logf.close()
+        return self.history
+
+    def _checkpoint_due(self, step: int, end: int) -> bool:
+        every = self.cfg.train.checkpoint_every
+        if every is None:
+            return False
+        # The run's last step always (so `resume` can extend a finished run); a partial fit(k)
+        # that stops before train.steps is not the end of the run.
+        return (step == end and end >= self.cfg.train.steps) or (every > 0 and step % every == 0)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors only (what a delta checkpoint holds)."""
+        return {n: p.detach() for n, p in self.named_trainable}
+
+    def unet_state_for_export(self) -> dict[str, torch.Tensor]:
+        if self.guard is not None:
+            return self.guard.export_state(self.c.unet)
+        return {k: v.detach() for k, v in self.c.unet.state_dict().items()}
+
+    def verify_frozen(self):
+        """VerifyReport of the frozen tensors against the job's manifest (None without a freeze)."""
+        return self.guard.verify(self.c.unet) if self.guard is not None else None
+
+    def save_final(self, path: str | Path | None = None) -> Path:
+        """The fine-tuned model as a Stable-Diffusion-layout folder (main process only).
+
+        Refused, with nothing written, when a frozen tensor is not bit-identical to the base.
+        """
+        path = Path(path) if path else self.out / "final"
+        report = self.verify_frozen()
+        if report is not None and not report.ok:
+            raise TrainingError(f"refusing to write {path}: {report.summary()}: "
+                                + "; ".join(report.details[n] for n in report.failures[:10]))
+        if self.dist.is_main:
+            proof = {} if report is None else {"verify.json": {
+                "ok": report.ok, "summary": report.summary(), "manifest_digest": self.guard.manifest.digest()}}
+            save_components(self.c, path, unet_state=self.unet_state_for_export(), extra_json=proof)
+        return path
+

@@ -1,0 +1,51 @@
+"""Turning a guard into a training setup: which tensors the optimizer sees, and which optimizer.
+
+* ``full``: every UNet tensor trainable, torch AdamW (the baseline).
+* ``naive``: ``requires_grad_(False)`` on frozen tensors, torch AdamW handed *all* parameters,
+  frozen weights kept in fp32 (what a hand-written freezing script does).
+* ``engine``: the tensor guard enforced in full (``guard.tensor.enforce``: frozen tensors out of
+  autograd, held in bf16 under bf16 autocast, frozen convs without saved input), and the trainable
+  tensors as views of one flat buffer stepped by ``FlatAdamW`` (``optim.flat``).
+
+The original fp32 values of frozen tensors are kept on the host so that the exported model carries
+them bit for bit, and every job ends with ``verify``: each frozen tensor is compared with the
+manifest's SHA-256 before a final model may be written.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from freezeasguard.engine.config import FinetuneConfig
+from freezeasguard.engine.errors import ConfigError
+from freezeasguard.engine.guard.tensor import TensorGuard, build_mask, enforce, frozen_storage_dtype
+from freezeasguard.engine.optim.factory import make_optimizer
+from freezeasguard.engine.optim.flat import FlatAdamW
+from freezeasguard.engine.optim.groups import param_groups
+
+
+def apply_freeze(cfg: FinetuneConfig, unet: nn.Module, device: torch.device) -> tuple[TensorGuard, list, Any]:
+    """Freeze per ``cfg.freeze`` and build the optimizer: returns (guard, named trainable, optimizer)."""
+    fc, tc = cfg.freeze, cfg.train
+    mask, manifest = build_mask(fc, unet, seed=tc.seed)
+    guard = TensorGuard(fc.mode, mask, manifest)
+    frozen = set(guard.frozen_names)
+    if fc.mode in ("full", "naive"):
+        enforce(guard, unet)
+        named = [(n, p) for n, p in unet.named_parameters() if n not in frozen]
+        # naive: the optimizer is handed every parameter, as a script calling
+        # AdamW(unet.parameters()) does; frozen ones simply never get a gradient.
+        groups = param_groups(list(unet.named_parameters()) if fc.mode == "naive" else named, tc.weight_decay)
+        return guard, named, make_optimizer(groups, tc, device)
+
+    enforce(guard, unet, frozen_dtype=frozen_storage_dtype(fc, tc.mixed_precision), frozen_conv=fc.frozen_conv)
+    named = [(n, p) for n, p in unet.named_parameters() if n not in frozen]
+    if not named:
+        raise ConfigError("the mask freezes every UNet tensor: nothing is left to train")
+    if tc.optimizer == "adamw8bit":
+        opt = make_optimizer(param_groups(named, tc.weight_decay), tc, device)
+    else:
+        opt = FlatAdamW(named, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, weight_decay=tc.weight_decay)
+    return guard, named, opt

@@ -1,0 +1,70 @@
+"""Whether Triton can run here, probed once, for the kernels of this package.
+
+Triton runs on CUDA, or on the CPU through its interpreter (``TRITON_INTERPRET=1``, set before any
+``@triton.jit`` function is defined). A kernel module defines its ``@triton.jit`` functions only
+when ``HAS_TRITON`` (the package imports), and launches them only where ``blocker`` says nothing
+stands in the way; everywhere else its pure-torch reference runs.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TritonStatus:
+    """Whether Triton kernels can run here, its version if it imports, and why (not)."""
+
+    available: bool
+    version: str | None
+    reason: str
+
+
+def interpreting() -> bool:
+    """Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def status() -> TritonStatus:
+    try:
+        mod = importlib.import_module("triton")
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return TritonStatus(False, None, f"import failed: {type(exc).__name__}: {exc}".splitlines()[0])
+    ver = getattr(mod, "__version__", None)
+    if torch.cuda.is_available():
+        return TritonStatus(True, ver, "CUDA device present")
+    if interpreting():
+        return TritonStatus(True, ver, "CPU interpreter (TRITON_INTERPRET=1): correct but slow")
+    return TritonStatus(False, ver, "no CUDA device and TRITON_INTERPRET is not 1")
+
+
+# The kernel modules define their @triton.jit functions under this flag.
+HAS_TRITON = status().version is not None
+
+
+def blocker(device: torch.device) -> str | None:
+    """Why Triton kernels cannot run on buffers on ``device`` (None when they can)."""
+    st = status()
+    if not st.available:
+        return st.reason
+    if device.type != "cuda" and not interpreting():
+        return f"tensors are on {device} and TRITON_INTERPRET is not 1"
+    return None
+
+
+def requested_error(what: str, why: str) -> RuntimeError:
+    """The error of a kernel whose 'triton' backend was asked for but cannot run."""
+    return RuntimeError(
+        f"{what} backend 'triton' requested but it cannot run: {why}. Move the buffers to a CUDA "
+        "device, set TRITON_INTERPRET=1 before importing triton (slow, CPU testing only), or use "
+        "backend='auto'/'torch'.")
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): Triton block sizes."""
+    return 1 << max(0, n - 1).bit_length()

@@ -1,0 +1,149 @@
+"""The package's structure: kernels stand alone, imports run one way, no cycles, small files.
+
+Every import of every module is read from the source (module level and inside functions), so a
+lazy import cannot hide a cycle or a dependency that points up the layers.
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"freezeasguard.engine": ROOT / "engine", "freezeasguard.kernels": ROOT / "kernels"}
+
+# Lowest first. A module may import from layers below its own and from its own subpackage only.
+LAYERS = [
+    {"freezeasguard.engine", "freezeasguard.engine.errors", "freezeasguard.engine.io", "freezeasguard.kernels"},
+    {"freezeasguard.engine.config", "freezeasguard.engine.backends"},
+    {"freezeasguard.engine.model", "freezeasguard.engine.guard", "freezeasguard.engine.optim"},
+    {"freezeasguard.engine.train"},
+    {"freezeasguard.engine.learn", "freezeasguard.engine.service"},
+    {"freezeasguard.engine.cli"},
+]
+# Imported inside functions only where they may be absent or unusable here.
+OPTIONAL_BACKENDS = {"triton", "xformers", "bitsandbytes", "pynvml"}
+MAX_LINES = 420
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg, folder in PACKAGES.items():
+        for path in sorted(folder.rglob("*.py")):
+            rel = path.relative_to(folder).with_suffix("").parts
+            name = ".".join((pkg, *rel)).removesuffix(".__init__")
+            out[name] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(path: Path) -> list[tuple[str, bool, int]]:
+    """(imported module, at module level?, line) for every import in a file; ``from a import b``
+    yields ``a.b`` when that is a module of the package, else ``a``."""
+    tree = ast.parse(path.read_text())
+    top = {id(n) for n in tree.body}
+    for node in tree.body:  # imports under a module-level `if` count as module level
+        if isinstance(node, ast.If):
+            top |= {id(n) for n in ast.walk(node)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, id(node) in top, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                found.append((sub if sub in MODULES else node.module, id(node) in top, node.lineno))
+    return found
+
+
+def _layer(module: str) -> tuple[int, str]:
+    """(layer index, the unit that owns the module: a subpackage, or the module itself)."""
+    for i, layer in enumerate(LAYERS):
+        for unit in sorted(layer, key=len, reverse=True):
+            if module == unit or (module.startswith(unit + ".") and unit != "freezeasguard.engine"):
+                return i, unit
+    return 0, module  # freezeasguard.engine.<root module> not listed above
+
+
+def test_the_package_has_the_modules_this_test_reads():
+    assert len(MODULES) > 40
+    assert "freezeasguard.engine.train.trainer" in MODULES and "freezeasguard.kernels.adamw" in MODULES
+
+
+def test_kernels_import_only_torch_triton_and_themselves():
+    stdlib = set(sys.stdlib_module_names)
+    bad = []
+    for name, path in MODULES.items():
+        if not name.startswith("freezeasguard.kernels"):
+            continue
+        for target, _, line in _imports(path):
+            head = target.split(".")[0]
+            ok = (target.startswith("freezeasguard.kernels") or head in ("torch", "triton", "__future__")
+                  or head in stdlib)
+            if not ok:
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+    assert not bad, "kernels/ must stand alone:\n" + "\n".join(bad)
+
+
+def test_no_import_cycles():
+    graph = {m: {t for t, _, _ in _imports(p) if t in MODULES and t != m} for m, p in MODULES.items()}
+    # A package's __init__ importing nothing of its own is what keeps parents out of the cycles.
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                cycles.append(" -> ".join(stack[stack.index(t):] + [t]))
+            elif t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_imports_run_one_way_down_the_layers():
+    bad = []
+    for name, path in MODULES.items():
+        layer, unit = _layer(name)
+        for target, _, line in _imports(path):
+            if target not in MODULES or target == name:
+                continue
+            t_layer, t_unit = _layer(target)
+            if t_unit == unit or t_layer < layer or target == "freezeasguard.engine":
+                continue
+            bad.append(f"{path.relative_to(ROOT)}:{line}: {unit} (layer {layer}) imports {target} (layer {t_layer})")
+    assert not bad, "imports must point down the layers:\n" + "\n".join(bad)
+
+
+def test_nothing_imports_the_cli():
+    bad = [f"{p.relative_to(ROOT)}:{line}" for n, p in MODULES.items() if not n.startswith("freezeasguard.engine.cli")
+           for t, _, line in _imports(p) if t.startswith("freezeasguard.engine.cli")]
+    assert not bad, bad
+
+
+def test_imports_sit_at_module_level_except_optional_backends():
+    bad = []
+    for name, path in MODULES.items():
+        for target, top, line in _imports(path):
+            if not top and target.split(".")[0] not in OPTIONAL_BACKENDS:
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {target} inside a function")
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("folder", ["engine", "kernels", "bench"])
+def test_files_stay_small(folder):
+    big = {str(p.relative_to(ROOT)): n for p in (ROOT / folder).rglob("*.py")
+           if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not big, f"files over {MAX_LINES} lines (usually two jobs): {big}"
