@@ -5,7 +5,7 @@
 #   wheels:  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #              --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
 #              -d .whl diffusers transformers safetensors tokenizers huggingface-hub xformers bitsandbytes \
-#              peft tqdm pyyaml pillow regex scikit-learn scipy joblib threadpoolctl
+#              peft tqdm pyyaml pillow regex scikit-learn scipy joblib threadpoolctl open-clip-torch
 #            (first check which of these the machine already has: the carried tree is capped at 64 MiB,
 #            and scipy alone is large; the digits data needs scikit-learn)
 #   run:     OUT=/some/dir bash bench/gpu_check.sh      (each stage has its own time limit)
@@ -35,7 +35,7 @@ stage() {  # stage NAME SECONDS CMD...
 }
 stage info 60 python3 -m freezeasguard.engine.cli info
 stage gpu_tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_adamw.py tests/test_mask_update.py \
-  tests/test_attention.py tests/test_frozen_ops.py tests/test_ledger.py tests/test_profiling.py
+  tests/test_attention.py tests/test_frozen_ops.py tests/test_ledger.py tests/test_profiling.py tests/test_flat_optim.py
 stage bench_adamw 120 python3 -m pytest -q -p no:cacheprovider bench/bench_adamw.py --benchmark-enable \
   --benchmark-json "$OUT/bench_adamw.json"
 stage bench_mask_update 90 python3 -m pytest -q -p no:cacheprovider bench/bench_mask_update.py --benchmark-enable \

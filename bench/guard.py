@@ -2,7 +2,7 @@
 fine-tuning fail while legal fine-tuning still works?
 
     python bench/run.py guard              # the default suite (3 seeds, <= 30 min on 2 CPU cores)
-    python bench/run.py guard --quick      # a <= 2 min smoke run of every stage
+    python bench/run.py guard --quick      # a smoke run of every stage (under a minute on 2 CPU cores)
     python bench/run.py guard --suite explore   # the mask-learning levers at the headline budget
     python bench/run.py guard --data DIR --domains ILLEGAL,INNOCENT,LEGAL   # a publisher's image folder
 
@@ -82,7 +82,9 @@ def main(argv: list[str]) -> int:
     from guard_summary import write_outputs
 
     paths = write_outputs(result, out)
-    print(f"guard suite '{suite}' finished in {result['wall_seconds']:.0f} s; results: "
+    smoke = " (a smoke run of every stage: too small to judge the guard by; no targets checked)" \
+        if suite == "quick" else ""
+    print(f"guard suite '{suite}' finished in {result['wall_seconds']:.0f} s{smoke}; results: "
           + ", ".join(str(p) for p in paths))
     return 0
 

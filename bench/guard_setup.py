@@ -35,11 +35,13 @@ import torch
 from efficacy import stratified_split
 from realdata import concat, has_lfw, lfw_dataset, photo_crops_dataset
 
-from freezeasguard.engine.model.components import Components, load_components, save_components
+from freezeasguard.engine.config import resolve
+from freezeasguard.engine.model.components import Components, load_components
 from freezeasguard.engine.model.data import ImageDataset, digits_dataset, load_image_folder
 from freezeasguard.engine.model.diffusion import NoiseSchedule
 from freezeasguard.engine.model.presets import Preset, build_text_encoder, build_unet
 from freezeasguard.engine.model.tokenizer import build_tokenizer, caption_words
+from freezeasguard.engine.train.trainer import Trainer
 
 log = logging.getLogger("freezeasguard")
 
@@ -169,24 +171,19 @@ def new_components(words: tuple[str, ...], seed: int = 0, preset: Preset = BENCH
 
 
 def pretrain_base(world: World, out: Path, *, steps: int, batch_size: int, lr: float, seed: int = 0,
-                  train_text_encoder: bool = False, preset: Preset = BENCH_PRESET,
-                  progress: bool = True) -> Components:
-    """The publisher's base, trained from scratch on the pretraining mix and saved as a model folder
-    (reused when it exists with the same recipe).
+                  preset: Preset = BENCH_PRESET, progress: bool = True) -> Components:
+    """The publisher's base, trained from scratch on the pretraining mix by the engine's own trainer
+    (full fine-tuning of a randomly initialised UNet) and saved as a model folder; reused when it
+    exists with the same recipe.
 
     The text encoder stays a frozen random CLIP (no pretrained one exists offline); its outputs for
-    the digit words differ by ~10% of their norm, enough for a v-prediction UNet to follow the
-    prompt. ``train_text_encoder`` trains it too (it did not help: it shrank those differences).
-    AdamW, warm-up then cosine decay to 10%, clipping at 1.
+    the digit words differ enough for a v-prediction UNet to follow the prompt. AdamW, a linear
+    warm-up then a cosine decay to 10%, clipping at 1.
     """
-    import math
-
-    from freezeasguard.engine.model.diffusion import diffusion_loss
-    from freezeasguard.engine.optim.groups import param_groups
-    from freezeasguard.engine.train.batches import step_generator
-
+    warm = min(100, steps // 10)
     recipe = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "preset": preset.unet,
-              "text_encoder": "trained" if train_text_encoder else "frozen", "noise": "linear 1e-4..0.02, v-prediction", "schedule": "warmup100-cosine0.1",
+              "noise": "linear 1e-4..0.02, v-prediction", "schedule": f"warmup{warm}-cosine0.1",
+              "trainer": "engine Trainer, full fine-tuning",
               "domains": {d: sum(1 for x in world.pretrain.domains if x == d) for d in world.pretrain.domain_names()},
               "words": list(caption_words(world.data.captions))}
     recipe = json.loads(json.dumps(recipe))  # tuples -> lists, as the stamp will read back
@@ -195,42 +192,13 @@ def pretrain_base(world: World, out: Path, *, steps: int, batch_size: int, lr: f
         log.info("base model: reusing %s", out)
         return load_components(out)
     comps = new_components(caption_words(world.data.captions), seed, preset)
-    unet, te = comps.unet.train(), comps.text_encoder.train()
-    x_all = world.pretrain.normalized()
-    ids_all = comps.tokenizer(world.pretrain.captions, padding="max_length", truncation=True,
-                              max_length=comps.tokenizer.model_max_length, return_tensors="pt").input_ids
-    named = list(unet.named_parameters())
-    if train_text_encoder:
-        named += [(f"te.{n}", p) for n, p in te.named_parameters()]
-    else:
-        te.requires_grad_(False)
-    opt = torch.optim.AdamW(param_groups(named, 1e-2), lr=lr)
-    warm = min(100, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
-    n = len(x_all)
-    it = range(steps)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        it = bar = tqdm(it, desc="pretraining base", unit="step", dynamic_ncols=True)
-    for s in it:
-        g = step_generator(seed, s)
-        idx = torch.randint(0, n, (batch_size,), generator=g)
-        noise = torch.randn((batch_size, *x_all.shape[1:]), generator=g)
-        t = comps.schedule.sample_timesteps(batch_size, generator=g)
-        cond = te(ids_all[idx])[0]
-        loss = diffusion_loss(unet, comps.schedule, x_all[idx], cond, noise, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
-        opt.step()
-        sched.step()
-        if bar is not None and s % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-    unet.eval()
-    te.eval()
-    save_components(comps, out)
+    cfg = resolve(overrides=[
+        f"train.steps={steps}", f"train.batch_size={batch_size}", f"train.lr={lr}", f"train.seed={seed}",
+        f"train.warmup_steps={warm}", "train.lr_schedule=cosine", "train.min_lr_ratio=0.1", "train.max_grad_norm=1.0",
+        "train.weight_decay=0.01", f"train.progress={str(progress).lower()}", "train.checkpoint_every=null",
+        f"out_dir={out.with_name(out.name + '.train')}"])
+    trainer = Trainer(cfg, components=comps, dataset=world.pretrain)
+    trainer.fit()
+    trainer.save_final(out)
     (out / "recipe.json").write_text(json.dumps(recipe))
     return load_components(out)

@@ -135,7 +135,8 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
                                for x in plan["lora_lrs"]]
         worst = [r for r in adaptive if r["mitigation"].n]
         s["adaptive_worst"] = min(worst, key=lambda r: r["mitigation"].mean)["condition"] if worst else None
-        s["targets"] = _targets(s["headline"])
+        # A smoke run's numbers (two seeds, a few dozen samples, toy step counts) carry no verdict.
+        s["targets"] = {} if res["suite"] == "quick" else _targets(s["headline"])
         out["settings"][name] = s
     return out
 
@@ -202,7 +203,10 @@ def markdown(res: dict[str, Any], summ: dict[str, Any]) -> str:
          f"Recogniser accuracy on held-out real images: {100 * rec['accuracy']:.1f}% "
          f"({rec['n_test']} images, {len(rec['classes'])} classes). Mean ± std over seeds; mitigation and "
          f"legal impact = 1 - rate_guarded / rate_full, paired by seed. Wall time {res.get('wall_seconds', 0):.0f} s.",
-         "", "Base model (before any user), recognition rate of each domain's prompt: "
+         "", *(["**Smoke run** (`--quick`): every stage runs once at toy sizes to show the pipeline works end "
+                "to end. Its numbers are too small to judge the guard by, so no target is checked; the default "
+                "suite (`python bench/run.py guard`) measures it.", ""] if res["suite"] == "quick" else []),
+         "Base model (before any user), recognition rate of each domain's prompt: "
          + ", ".join(f"{d} {100 * v['rate']:.0f}%" for d, v in res["base"]["eval"].items()), ""]
     for name, s in summ["settings"].items():
         st = s["setting"]

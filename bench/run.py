@@ -84,6 +84,7 @@ def run_suite(scenarios: list[Scenario], args) -> list[dict[str, Any]]:
         for sc in tqdm(scenarios, desc="building", unit="scenario"):
             trainers[sc.name] = build_trainer(sc, args, dataset, Path(tmp))
         times: dict[str, list[float]] = {sc.name: [] for sc in scenarios}
+        losses: dict[str, list[float]] = {sc.name: [] for sc in scenarios}
         ledgers = {}
         total = args.warmup + args.steps
         bar = tqdm(total=total * len(scenarios), desc="interleaved steps", unit="step")
@@ -99,6 +100,7 @@ def run_suite(scenarios: list[Scenario], args) -> list[dict[str, Any]]:
                     tr.measure_memory = False
                 if k >= args.warmup:
                     times[sc.name].append(dt)
+                losses[sc.name].append(s.loss)
                 bar.update(1)
                 bar.set_postfix(scenario=sc.name, loss=f"{s.loss:.3f}")
         bar.close()
@@ -124,7 +126,7 @@ def run_suite(scenarios: list[Scenario], args) -> list[dict[str, Any]]:
                 "frozen_convs": tr.guard.frozen_convs if tr.guard is not None else 0,
                 "verify": report.summary() if report is not None else "n/a (nothing frozen)",
                 "verify_ok": report.ok if report is not None else None,
-                "final_loss": tr.history[-1].loss if tr.history else None,
+                "losses": losses[sc.name],  # every step's loss (same seed and data in every mode)
                 "cuda_max_allocated_mib": (led.cuda_max_allocated or 0) / MiB or None,
                 "nvml": nvml.get(sc.name),
             })
@@ -272,6 +274,16 @@ COLUMNS = [("scenario", "scenario"), ("frozen_params", "frozen params"), ("froze
            ("step_ms_p50", "step ms (p50)"), ("time_vs_full", "time/full"), ("time_vs_naive", "time/naive")]
 
 
+COLUMNS_LEGEND = (
+    "Columns. From the exact memory ledger (`engine/train/ledger.py`, device-independent and deterministic), at "
+    "the step's peak (after backward and the optimizer step, before gradients are zeroed): *weights*, *grads* "
+    "and *optim* (optimizer state) in MiB, each storage counted once; *static* = weights + grads + optim; *saved "
+    "act* = the bytes autograd keeps for backward (saved_tensors_hooks; each storage once, weights excluded). "
+    "Measured: *step ms* = wall-clock median over the timed steps, the modes interleaved step by step so host "
+    "noise hits all alike (noisy on a shared CPU; read the ratios). */full* and */naive* are ratios to the full "
+    "fine-tuning row and to naive freezing at the same frozen fraction.")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "guard":  # the efficacy benchmark has its own options
@@ -318,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                       mask="seeded random, exact budget by parameters",
                       timed_steps=args.steps, warmup_steps=args.warmup, data=f"digits classes 0-{args.classes - 1}",
                       wall_s=round(time.time() - t0, 1))
-    md = (f"# bench/run.py {args.suite}\n\n" + markdown_table(rows, COLUMNS) + "\n\n"
+    md = (f"# bench/run.py {args.suite}\n\n" + markdown_table(rows, COLUMNS) + "\n\n" + COLUMNS_LEGEND + "\n\n"
           + conditions_markdown(cond))
     nv = rows[0].get("nvml") or {}
     md += "\n- nvml: " + ("per-scenario energy/memory in the JSON rows" if nv.get("available")

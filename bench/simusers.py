@@ -114,8 +114,7 @@ def lora_modules(unet: nn.Module, guard: Guard, targets: Sequence[str] = DEFAULT
         mask = FreezeMask.from_names(unet, guard.touched(names))  # any frozen row refuses the module
     else:
         mask = guard
-    modules, _refused = resolve_lora_targets(unet, mask, list(targets))
-    return modules
+    return resolve_lora_targets(unet, mask, list(targets)).modules
 
 
 def user_trainer(base: Components, dataset: ImageDataset, guard: Guard, budget: UserBudget, work: str | Path, *,

@@ -12,18 +12,16 @@ subpackage):
 """
 import logging as _logging
 
-import torch as _torch
-
 __version__ = "0.1.0"
 
 
 def _quiet_optional_backends() -> None:
-    # diffusers imports xformers and bitsandbytes whenever they are installed. On a machine where
-    # they cannot run, both log import-time warnings (xformers: no CUDA extensions; bitsandbytes:
-    # no 4-bit CPU kernels from a hub) on every model load. `freezeasguard info` explains what
-    # each backend can do here; the engine says which attention and optimizer run when it runs.
-    if not _torch.cuda.is_available():
-        _logging.getLogger("xformers").setLevel(_logging.ERROR)
+    # diffusers imports xformers and bitsandbytes whenever they are installed. Where they cannot
+    # run, both log import-time warnings (xformers: no CUDA extensions for this torch;
+    # bitsandbytes: no 4-bit CPU kernels from a hub) on every model load. `freezeasguard info`
+    # explains what each backend can do here, and the engine logs which attention and optimizer
+    # run, and why, when it runs.
+    _logging.getLogger("xformers").setLevel(_logging.ERROR)
     _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
 
 

@@ -38,6 +38,10 @@ class ModelConfig:
     """'epsilon' or 'v_prediction'; None = the preset's or the folder scheduler's."""
     attention: str = "auto"
     """Attention backend: 'auto' (xformers where it runs, else torch SDPA), 'xformers' or 'sdpa'."""
+    tokenizer: str = "auto"
+    """Tokenizer of a model built from a preset: 'clip' (Stable Diffusion's BPE; needs
+    `pip install --no-deps open-clip-torch`), 'word' (one token per caption word) or 'auto' (clip
+    where installed). A folder brings its own."""
 
 
 @dataclass
@@ -69,7 +73,11 @@ class TrainConfig:
     lr: float = 1e-4
     """Peak learning rate."""
     warmup_steps: int = 0
-    """Linear warm-up steps, then constant."""
+    """Linear warm-up steps, then `lr_schedule`."""
+    lr_schedule: str = "constant"
+    """After warm-up: 'constant', or 'cosine' decay to `min_lr_ratio` * lr at the last step."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine decay, as a fraction of the peak learning rate."""
     optimizer: str = "adamw"
     """'adamw' (torch, fused where available) or 'adamw8bit' (bitsandbytes)."""
     weight_decay: float = 1e-2
@@ -141,12 +149,16 @@ class FinetuneConfig:
             (self.model.prediction_type in (None, "epsilon", "v_prediction"),
              "model.prediction_type must be 'epsilon', 'v_prediction' or null"),
             (self.model.attention in ("auto", "xformers", "sdpa"), "model.attention must be auto|xformers|sdpa"),
+            (self.model.tokenizer in ("auto", "clip", "word"), "model.tokenizer must be auto|clip|word"),
             (self.train.steps >= 1, "train.steps must be >= 1"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
             (self.train.batch_size % self.train.grad_accum == 0,
              "train.batch_size must be divisible by train.grad_accum"),
             (self.train.lr > 0, "train.lr must be > 0"),
+            (self.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+            (self.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be 'constant' or 'cosine'"),
+            (0.0 <= self.train.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
             (self.train.mixed_precision in ("fp32", "bf16"), "train.mixed_precision must be 'fp32' or 'bf16'"),
             (self.train.optimizer in ("adamw", "adamw8bit"), "train.optimizer must be 'adamw' or 'adamw8bit'"),
             (self.train.max_grad_norm is None or self.train.max_grad_norm > 0, "train.max_grad_norm must be > 0"),

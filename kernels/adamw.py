@@ -37,6 +37,7 @@ import math
 from typing import Literal
 
 import torch
+from torch.optim.adamw import adamw as torch_adamw
 
 from freezeasguard.kernels._triton import HAS_TRITON, blocker, interpreting, next_pow2, requested_error
 
@@ -339,23 +340,33 @@ def fused_adamw_(
     return used
 
 
+_SCALE_CHUNK = 1 << 20  # elements of scaled gradient staged at a time (4 MiB of fp32)
+
+
 def _torch_fused_adamw_(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay,
                         decay_end, step, grad_scale) -> None:
-    """torch's own fused AdamW (one pass, vectorised on CPU) over the two weight-decay ranges.
+    """torch's fused AdamW (``torch.optim.adamw.adamw(fused=True)``, what ``torch.optim.AdamW(fused=True)``
+    runs) over the two weight-decay ranges; vectorised on CPU, multi-tensor kernels on CUDA.
 
-    Its ``grad_scale`` argument *divides* the gradient (it is meant for AMP unscaling), so the
-    clip coefficient is passed as its reciprocal. Same math as ``adamw_ref_`` up to fp32 rounding.
+    The gradient buffer is only read. torch's own ``grad_scale`` argument would *divide* the gradient
+    and write it back, so a clip coefficient is applied instead to a bounded scratch copy, one
+    ``_SCALE_CHUNK`` at a time (AdamW is elementwise: chunking changes no result). Same math as
+    ``adamw_ref_`` up to fp32 rounding.
     """
     if param.dtype != torch.float32 or grad.dtype != torch.float32:
         raise AdamWInputError("backend 'torch_fused' takes fp32 params and grads")
-    inv = None if grad_scale is None else (1.0 / grad_scale.reshape(()))
-    steps = torch.tensor(float(step), device=param.device)
     n = param.numel()
+    chunk = _SCALE_CHUNK if grad_scale is not None else max(n, 1)
+    scratch = torch.empty(min(chunk, n), dtype=grad.dtype, device=grad.device) if grad_scale is not None else None
+    scale = None if grad_scale is None else grad_scale.reshape(())
     for lo, hi, wd in ((0, decay_end, weight_decay), (decay_end, n, 0.0)):
-        if hi > lo:
-            torch._fused_adamw_([param[lo:hi]], [grad[lo:hi]], [exp_avg[lo:hi]], [exp_avg_sq[lo:hi]], [],
-                                [steps], lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps,
-                                amsgrad=False, maximize=False, grad_scale=inv, found_inf=None)
+        for a in range(lo, hi, chunk):
+            b = min(hi, a + chunk)
+            g = grad[a:b] if scale is None else torch.mul(grad[a:b], scale, out=scratch[:b - a])
+            # The functional form increments each state step before use: hand it step - 1.
+            steps = [torch.tensor(float(step - 1), device=param.device)]
+            torch_adamw([param[a:b]], [g], [exp_avg[a:b]], [exp_avg_sq[a:b]], [], steps, fused=True,
+                        amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd, eps=eps, maximize=False)
 
 
 def global_grad_norm(grad: torch.Tensor) -> torch.Tensor:

@@ -19,12 +19,17 @@ if str(BENCH) not in sys.path:
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    from freezeasguard.kernels import _triton
+
+    triton = _triton.status()
+    no_triton = pytest.mark.skip(reason=f"Triton cannot run here: {triton.reason} (pip install -e \".[triton]\"; "
+                                        "on a CPU, TRITON_INTERPRET=1)")
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+        elif item.get_closest_marker("triton") and not triton.available:
+            item.add_marker(no_triton)
 
 
 @pytest.fixture

@@ -78,12 +78,14 @@ DTYPES_CPU = [
 ]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("pdtype,gdtype", DTYPES_CPU, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("n", [1, 1000, 65536 + 3, 3 * 65536])
 def test_kernel_matches_reference_dtypes(pdtype, gdtype, n):
     run_both(n, pdtype, gdtype, decay_end=n // 2, scale=0.37, steps=3)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("decay", ["none", "middle", "all"])
 @pytest.mark.parametrize("scale", [None, 0.37])
 def test_kernel_decay_split_and_grad_scale(decay, scale):
@@ -92,12 +94,14 @@ def test_kernel_decay_split_and_grad_scale(decay, scale):
     run_both(n, torch.float32, torch.float32, decay_end=decay_end, scale=scale, steps=3)
 
 
+@pytest.mark.triton
 def test_kernel_irregular_large():
     """1823 x 781 elements (~1.4M): many programs, ragged last block, late steps."""
     run_both(1823 * 781, torch.float32, torch.float16, decay_end=1823 * 500 + 7, scale=0.37, steps=2,
              start_step=999)
 
 
+@pytest.mark.triton
 def test_kernel_decay_prefix_boundary_exact():
     """With zero gradient and zero moments only weight decay moves p: exactly [0, decay_end)."""
     n, decay_end = 5000, 1234
@@ -110,6 +114,7 @@ def test_kernel_decay_prefix_boundary_exact():
     assert torch.equal(p[decay_end:], p0[decay_end:])
 
 
+@pytest.mark.triton
 def test_kernel_stays_inside_views():
     """Masked tail: a view into a bigger buffer leaves the neighbours untouched."""
     n, pad = 1001, 17
@@ -121,6 +126,7 @@ def test_kernel_stays_inside_views():
         assert torch.equal(b[:pad], b0[:pad]) and torch.equal(b[-pad:], b0[-pad:])
 
 
+@pytest.mark.triton
 def test_empty_buffer_is_a_no_op():
     e = torch.empty(0)
     assert fused_adamw_(e, e.clone(), e.clone(), e.clone(), backend="triton",
@@ -148,7 +154,7 @@ def _packed_twins(device: str = "cpu"):
     return ref, flat, views, decay_end
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton), "torch"])
 @pytest.mark.parametrize("max_norm", [None, 0.5])
 def test_matches_torch_optim_adamw(backend, max_norm):
     ref, flat, views, decay_end = _packed_twins()
@@ -243,6 +249,7 @@ def test_invalid_hyperparameters_raise(over, match):
     assert issubclass(AdamWInputError, ValueError)
 
 
+@pytest.mark.triton
 def test_backend_dispatch(monkeypatch):
     assert _step(*_bufs(), backend="torch") == "torch"
     assert _step(*_bufs(), backend="auto") == "triton"  # the interpreter is on in tests

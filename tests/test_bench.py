@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_run_writes_side_by_side_rows(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--preset", "tiny", "--resolution", "16",
                         "--steps", "2", "--warmup", "1", "--batch", "8", "--out", str(tmp_path)],
@@ -29,6 +32,7 @@ def test_bench_run_writes_side_by_side_rows(tmp_path):
     assert "| engine@50% |" in md and "Conditions:" in md and "nvml" in md
 
 
+@pytest.mark.slow
 def test_bench_optimizer_suite(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "optimizer", "--optim-numel", "20000",
                         "--steps", "2", "--warmup", "1", "--out", str(tmp_path)],
@@ -41,6 +45,7 @@ def test_bench_optimizer_suite(tmp_path):
     assert 0.25 < flat["elements"] / 20000 < 0.35 and flat["gb_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_bench_masklearn_suite(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "masklearn", "--preset", "tiny",
                         "--resolution", "16", "--batch", "8", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)],

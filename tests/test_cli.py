@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 CLI = [sys.executable, "-m", "freezeasguard.engine.cli"]
 
 
@@ -8,6 +10,7 @@ def run(*args, **kw):
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600, **kw)
 
 
+@pytest.mark.slow
 def test_finetune_writes_a_model_that_reloads_and_generates(tmp_path):
     out = tmp_path / "ft"
     r = run("finetune", "--preset", "tiny", "--data", "digits", "--steps", "20", "--out", str(out),
@@ -34,6 +37,7 @@ def test_bad_data_folder_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
+@pytest.mark.slow
 def test_keygen_and_sign_a_manifest(tmp_path):
     from freezeasguard.engine.errors import SignatureError
     from freezeasguard.engine.guard.manifest import Manifest

@@ -6,7 +6,9 @@ import torch
 import torch.multiprocessing as mp
 from helpers import tiny_config, tiny_digits
 
-pytestmark = pytest.mark.distributed
+from freezeasguard.engine.train.trainer import Trainer
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _worker(rank, world, port, out_dir, result_path, extra=()):
@@ -49,3 +51,38 @@ def test_ddp_two_processes_equal_one(tmp_path, extra):
         for n in a:
             torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-6, msg=n)
     assert not (tmp_path / "ddp" / "log.jsonl").read_text() == ""  # rank 0 logged
+    # The last step's checkpoint: written by rank 0 between barriers every rank reached.
+    assert (tmp_path / "ddp" / "checkpoints" / "step-000003" / "state.json").is_file()
+
+
+def test_every_process_pins_its_gpu_before_the_process_group(monkeypatch):
+    """NCCL communicators land on the current device: set_device(LOCAL_RANK) must come first."""
+    import torch.distributed as dist
+
+    from freezeasguard.engine.train import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend, kw)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    info = distributed.init_distributed("cuda")
+    assert calls == [("set_device", 1), ("init", "nccl", {"device_id": torch.device("cuda", 1)})]
+    assert (info.rank, info.world, info.local_rank) == (1, 2, 1)
+    calls.clear()
+    distributed.init_distributed("cpu")
+    assert calls == [("init", "gloo", {})]
+
+
+def test_checkpoints_are_written_between_barriers(tmp_path, monkeypatch):
+    from freezeasguard.engine.train import checkpoint, distributed
+
+    events = []
+    monkeypatch.setattr(distributed.DistInfo, "barrier", lambda self: events.append("barrier"))
+    write = checkpoint.write_checkpoint
+    monkeypatch.setattr(checkpoint, "write_checkpoint", lambda *a, **k: events.append("write") or write(*a, **k))
+    Trainer(tiny_config(tmp_path, "train.steps=1"), dataset=tiny_digits()).fit()
+    assert events == ["barrier", "write", "barrier"]

@@ -67,7 +67,7 @@ def test_bf16_storage_and_ledger_match_the_analytic_formulas(tmp_path):
     tr.fit(3)
     assert tr.verify_frozen().ok  # live bf16 copies still equal the rounded originals
     out = tr.save_final()
-    from freezeasguard.engine.cli.train import load_unet_state
+    from freezeasguard.engine.cli.proof import load_unet_state
     from freezeasguard.engine.guard.verify import verify_frozen
 
     state = load_unet_state(out)
@@ -110,6 +110,7 @@ def test_final_model_refused_when_a_frozen_tensor_changed(tmp_path):
     assert (tmp_path / "job" / "checkpoints" / "step-000002" / "state.json").is_file()
 
 
+@pytest.mark.slow
 def test_verify_cli_names_the_changed_tensor(tmp_path):
     import subprocess
     import sys
@@ -179,7 +180,7 @@ def test_adamw8bit_states_for_trainable_tensors_only(tmp_path):
     assert tr.verify_frozen().ok
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch_fused", "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton), "torch_fused", "torch"])
 def test_flat_adamw_backends_match_torch_adamw_on_a_unet(backend):
     """FlatAdamW (Triton kernel in the interpreter, torch's fused AdamW, the eager reference) vs
     torch.optim.AdamW on the tiny UNet's trainable half, N steps with clipping; then a state_dict
@@ -233,3 +234,22 @@ def test_flat_adamw_backends_match_torch_adamw_on_a_unet(backend):
     step(clone, opt2, True)
     for (n, a), (_, b) in zip(named_o, named_c):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.slow
+def test_verify_against_another_model_says_so_in_its_first_line(tmp_path):
+    import subprocess
+    import sys
+
+    from freezeasguard.engine.model.components import save_components
+
+    c = build_components("tiny", seed=0)
+    _, path = _manifest(tmp_path, c.unet, ratio=0.3, by="tensors")
+    save_components(build_components("small", seed=0), tmp_path / "other")  # same block names, other shapes
+    out = subprocess.run([sys.executable, "-m", "freezeasguard.engine.cli", "verify", "--manifest", str(path),
+                          "--model", str(tmp_path / "other")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    first = out.stdout.splitlines()[0]
+    n = len(list(c.unet.parameters()))
+    assert first.startswith("manifest is for another model: ") and f"of {n} tensors differ in shape" in first, first
+    assert len(out.stdout.splitlines()) < 50  # details capped, counts say how many

@@ -11,12 +11,14 @@ from freezeasguard.engine.cli.main import main as cli_main
 from freezeasguard.engine.guard.hashing import model_fingerprint
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.io import file_sha256
 from freezeasguard.engine.model.components import build_components, load_components, save_components
 from freezeasguard.engine.model.data import digits_dataset, write_image_folder
+from freezeasguard.engine.service.audit import audit_jobs
 from freezeasguard.engine.service.delta import load_delta, merge_delta
-from freezeasguard.engine.service.plan import file_sha256, plan_job
+from freezeasguard.engine.service.plan import plan_job
 from freezeasguard.engine.service.policy import Policy
-from freezeasguard.engine.service.run import DELTA_FILE, RECORD_FILE, audit_jobs, run_job
+from freezeasguard.engine.service.run import DELTA_FILE, RECORD_FILE, run_job
 from freezeasguard.engine.service.signing import new_ed25519_key, new_hmac_key, save_key, sign_manifest
 
 # The publisher's mask for these tests: the first down block's and the mid block's attention.

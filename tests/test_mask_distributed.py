@@ -11,7 +11,7 @@ from freezeasguard.engine.model.components import build_components
 from freezeasguard.engine.model.data import digits_dataset
 from freezeasguard.engine.model.tokenizer import caption_words
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _ddp_worker(rank, world, port, result_path):

@@ -142,6 +142,7 @@ def run_steps(lay, decay_end, scale, steps=3, hp=HP, config: LaunchConfig | None
     return ours, keep
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("scale", [None, 0.37], ids=["no_clip", "clip"])
 @pytest.mark.parametrize("decay", ["none", "layout", "mid_row", "all"])
 def test_kernel_matches_reference_over_steps(decay, scale):
@@ -156,6 +157,7 @@ def test_kernel_matches_reference_over_steps(decay, scale):
     assert ours["theta_d"].abs().sum() > 0
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("chunk,beta1", [(48, 0.9), (100, 0.3), (1, 0.9)], ids=["chunk48", "chunk100_lerp_from_end",
                                                                             "chunk1"])
 def test_other_chunks_and_lerp_branch(chunk, beta1):
@@ -166,6 +168,7 @@ def test_other_chunks_and_lerp_branch(chunk, beta1):
     run_steps(lay, lay.decay_end, 0.5, steps=2, hp=dict(HP, beta1=beta1))
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("config", [LaunchConfig(rows_per_program=64, tile=64, num_warps=1, int64=False),
                                     LaunchConfig(rows_per_program=64, tile=256, num_warps=1, int64=True)],
                          ids=["rows_in_tiles", "int64_offsets"])
@@ -176,6 +179,7 @@ def test_cuda_shapes_of_the_kernel(config):
     run_steps(lay, lay.decay_end, 0.37, steps=2, config=config)
 
 
+@pytest.mark.triton
 def test_dots_only_and_update_only_modes():
     lay = FlatLayout.from_shapes(_shapes(), 256)
     bufs, keep = make_state(lay)
@@ -200,6 +204,7 @@ def test_dots_only_and_update_only_modes():
         assert_close_dtype(bufs[name], ref[name], f"{name} (update only)")
 
 
+@pytest.mark.triton
 def test_bit_reproducible_and_scratch_is_only_a_workspace():
     lay = FlatLayout.from_shapes(_shapes(), 256)
     runs = []
@@ -259,6 +264,7 @@ def test_bad_inputs_are_clear_errors(change, match):
             bilevel_step_(*bufs.values(), keep, rows, backend=backend, **kw)
 
 
+@pytest.mark.triton
 def test_backend_resolution(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu) == "torch"  # never the interpreter for training
@@ -325,6 +331,7 @@ def _learner(tiny, backend):
     return learner
 
 
+@pytest.mark.triton
 def test_learner_with_the_kernel_learns_the_reference_mask(tiny, monkeypatch):
     calls = []
     real = mask_update._run_triton

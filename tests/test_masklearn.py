@@ -248,6 +248,7 @@ def test_learn_mask_writes_a_manifest_that_verifies_against_the_base(tiny, tmp_p
     assert res.learner.theta_d.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(tiny, tmp_path):
     ref = _learner(tiny, _cfg(tmp_path / "a", "steps=8", "bootstrap_steps=2"))
     ref.fit()

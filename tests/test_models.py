@@ -21,8 +21,8 @@ def test_preset_sizes():
         P.build_unet("sd3")
 
 
-def test_offline_tokenizer_and_text_encoder():
-    c = M.build_components("tiny", extra_words=("zebra",))
+def test_offline_word_tokenizer_and_text_encoder():
+    c = M.build_components("tiny", extra_words=("zebra",), tokenizer="word")
     ids = c.tokenizer(["A photo of the digit Seven, zebra!"]).input_ids[0]
     unk = c.tokenizer.unk_token_id
     assert ids[0] == c.tokenizer.bos_token_id and ids[-1] == c.tokenizer.eos_token_id

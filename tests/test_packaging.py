@@ -40,6 +40,7 @@ def test_nvml_unavailable_without_driver(monkeypatch):
     assert not b.available and "nvml" in b.reason.lower() or "import" in b.reason
 
 
+@pytest.mark.slow
 def test_cli_info_runs():
     out = subprocess.run([sys.executable, "-m", "freezeasguard.engine.cli", "info"],
                          capture_output=True, text=True, timeout=120)

@@ -182,7 +182,8 @@ def test_allowed_job_has_no_problems(unet, mask):
 
 # ------------------------------------------------------------------------------- LoRA targets
 def test_lora_targets_resolve_by_module_name(unet, mask):
-    mods, problems = resolve_lora_targets(unet, mask, ["up_blocks.1.*.attn2.to_q", "time_emb_proj"])
+    t = resolve_lora_targets(unet, mask, ["up_blocks.1.*.attn2.to_q", "time_emb_proj"])
+    mods, problems = t.modules, t.problems()
     assert problems == []
     assert mods == [n for n, _ in unet.named_modules()
                     if n.endswith("time_emb_proj") or (n.startswith("up_blocks.1.") and n.endswith("attn2.to_q"))]
@@ -190,7 +191,8 @@ def test_lora_targets_resolve_by_module_name(unet, mask):
 
 
 def test_lora_on_frozen_module_is_refused(unet, mask):
-    mods, problems = resolve_lora_targets(unet, mask, ["to_q", "up_blocks.1.*.to_out.0", "norm1", "text_model.*"])
+    t = resolve_lora_targets(unet, mask, ["to_q", "up_blocks.1.*.to_out.0", "norm1", "text_model.*"])
+    mods, problems = t.modules, t.problems()
     text = "\n".join(problems)
     assert f"'{ATTN}.to_q' (pattern 'to_q') is a frozen module" in text
     # one frozen bias is enough to refuse the module
@@ -199,6 +201,10 @@ def test_lora_on_frozen_module_is_refused(unet, mask):
     assert not any(m.startswith("down_blocks.0.attentions") for m in mods)
     assert "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q" in mods
     assert "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0" not in mods
+    # skip_frozen leaves the frozen modules out instead of refusing; unmatched patterns still refuse
+    assert t.problems(skip_frozen=True) == t.unmatched and len(t.frozen) > 0
+    only_frozen = resolve_lora_targets(unet, mask, [f"{ATTN}.to_q"])
+    assert only_frozen.modules == [] and "nothing is left to adapt" in only_frozen.problems(skip_frozen=True)[0]
 
 
 # ------------------------------------------------------------------------------- base pinning

@@ -14,9 +14,10 @@ from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
 from freezeasguard.engine.io import save_safetensors_atomic
 from freezeasguard.engine.model.components import load_components, save_components
+from freezeasguard.engine.service.audit import audit_jobs
 from freezeasguard.engine.service.delta import DELTA_FORMAT, load_delta, merge_delta
 from freezeasguard.engine.service.joblog import read_entries
-from freezeasguard.engine.service.run import audit_jobs, submit
+from freezeasguard.engine.service.run import submit
 from freezeasguard.engine.service.signing import new_hmac_key, sign_manifest
 from freezeasguard.engine.train import trainer as train_mod
 
@@ -46,6 +47,26 @@ def test_lora_on_a_frozen_module(pub, tmp_path):
     text = _refused(pub, tmp_path, pub.spec(tmp_path / "job.yaml", method="lora", lora={"targets": ["to_q"]}))
     assert f"lora target '{ATTN}.to_q' (pattern 'to_q') is a frozen module" in text
     assert "would undo the freeze" in text
+
+
+def test_lora_skip_frozen_never_adapts_a_frozen_module(pub, tmp_path):
+    from freezeasguard.engine.service.plan import plan_job
+    from freezeasguard.engine.service.run import run_job
+
+    ok = tmp_path / "accepted"
+    ok.mkdir()
+    spec = pub.spec(ok / "job.yaml", method="lora", lora={"targets": ["to_q"], "skip_frozen": True})
+    plan = plan_job(spec, pub.policy_path, manifest=pub.manifest_path, base=pub.base, out=ok / "out",
+                    log_path=ok / "jobs.jsonl")
+    frozen_modules = {n.rsplit(".", 1)[0] for n in pub.mask.frozen}
+    assert plan.lora_modules and not set(plan.lora_modules) & frozen_modules
+    assert any(f"'{ATTN}.to_q'" in m for m in plan.lora_skipped)
+    result = run_job(plan)
+    assert result.record["method"]["skipped"] == plan.lora_skipped and result.record["verify"]["ok"]
+    # only one module to adapt, and it is frozen: refused, even with skip_frozen
+    text = _refused(pub, tmp_path, pub.spec(tmp_path / "job2.yaml", method="lora",
+                                            lora={"targets": [f"{ATTN}.to_q"], "skip_frozen": True}))
+    assert "nothing is left to adapt" in text
 
 
 def test_config_that_unfreezes_a_frozen_tensor(pub, tmp_path):

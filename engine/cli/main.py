@@ -1,18 +1,143 @@
-"""The ``freezeasguard`` command line.
+"""The ``freezeasguard`` command line: every subcommand's arguments, and the dispatch.
 
-Each subcommand is a function taking parsed arguments and returning an exit code; errors the user
-can fix (bad config, bad data, a refused job, a failed proof) print one clear message and exit 2
-(1 for a failed proof), never a traceback. Nothing imports this package: it sits on top.
+Each subcommand is a function ``cmd_*(args) -> exit code`` in one of ``cli.train``, ``cli.learn``,
+``cli.proof``, ``cli.service`` and a few small ones; only the module of the command being run is imported, so
+``--help`` is instant and ``keygen`` does not pay for diffusers. Errors the user can fix (a bad
+config, bad data, a refused job, a failed proof) print one clear message and exit 2 (1 for a failed
+proof), never a traceback. Nothing imports this package: it sits on top.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 from freezeasguard.engine import __version__
-from freezeasguard.engine.cli import guard, service, train
 from freezeasguard.engine.errors import FreezeAsGuardError
+
+
+def _command(p: argparse.ArgumentParser, impl: str) -> None:
+    """``impl`` is 'module:function' under freezeasguard.engine.cli, imported when the command runs."""
+    p.set_defaults(impl=impl)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="named config preset (tiny, small, sd15, sd21)")
+    p.add_argument("--config", help="YAML or JSON config file (applied after the preset)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def _engine_commands(sub) -> None:
+    _command(sub.add_parser("info", help="versions, device, and which optional backends are usable"), "train:cmd_info")
+
+    s = sub.add_parser("finetune", help="fine-tune a model (full, or guarded by a freeze manifest)")
+    _config_args(s)
+    s.add_argument("--data", help="'digits' or an image folder with metadata.jsonl")
+    s.add_argument("--model", help="model folder in Stable Diffusion layout (default: preset weights)")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--out", help="output folder (logs, checkpoints, final/)")
+    s.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or a given) checkpoint")
+    _command(s, "train:cmd_finetune")
+
+    s = sub.add_parser("generate", help="sample images from a model folder")
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompt", action="append", required=True, help="repeatable")
+    s.add_argument("--num", type=int, default=1, help="images per prompt")
+    s.add_argument("--steps", type=int, default=30)
+    s.add_argument("--guidance", type=float, default=1.0)
+    s.add_argument("--sampler", default="ddim",
+                   help="'ddim' (default), 'checkout' (the scheduler the model folder names) or a diffusers "
+                        "scheduler class, e.g. DPMSolverMultistepScheduler")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="samples.png")
+    _command(s, "train:cmd_generate")
+
+    s = sub.add_parser("export-digits", help="write the built-in digits as an image folder with metadata.jsonl")
+    s.add_argument("--out", required=True, help="folder to create (must not exist)")
+    s.add_argument("--resolution", type=int, default=64, help="image side in pixels (default 64)")
+    s.add_argument("--classes", help="comma-separated digits to keep, as numbers or words (default: all ten)")
+    _command(s, "data:cmd_export_digits")
+
+
+def _guard_commands(sub) -> None:
+    s = sub.add_parser("learn-mask", help="learn a FreezeAsGuard mask and write it as a freeze manifest")
+    s.add_argument("--base", required=True, help="base model folder (Stable Diffusion layout)")
+    s.add_argument("--data", required=True, help="'digits' or an image folder with a domain per image")
+    s.add_argument("--illegal", required=True, metavar="D[,D..]", help="illegal domain(s)")
+    s.add_argument("--innocent", required=True, metavar="D[:W][,D..]", help="innocent domain(s), optional weights")
+    s.add_argument("--budget", type=float, required=True, help="freeze budget rho in [0, 1]")
+    s.add_argument("--budget-by", choices=("params", "tensors"), default="params")
+    s.add_argument("--out", required=True, help="manifest to write (JSON)")
+    s.add_argument("--steps", type=int, help="total steps (user + mask)")
+    s.add_argument("--bootstrap-steps", type=int, help="mixed fine-tuning steps giving theta_ft")
+    s.add_argument("--finetuned", help="fine-tuned model folder to use as theta_ft (no bootstrap)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--work", help="folder for the log, checkpoints and bootstrap model (default: OUT.run)")
+    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the work folder")
+    s.add_argument("--baselines", action="store_true",
+                   help="also write random, magnitude and saliency masks at the same budget (OUT.<name>.json)")
+    s.add_argument("--config", help="YAML or JSON file of mask-learning settings")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set mask.lr=0.1 (repeatable)")
+    _command(s, "learn:cmd_learn_mask")
+
+    s = sub.add_parser("mask-report", help="where a mask's frozen tensors sit; overlap of two masks")
+    s.add_argument("manifest", help="freeze manifest (JSON)")
+    s.add_argument("other", nargs="?", help="a second manifest to compare against (Jaccard overlap)")
+    s.add_argument("--png", help="also draw the report to this PNG")
+    _command(s, "report:cmd_mask_report")
+
+    s = sub.add_parser("keygen", help="make a publisher key for signing manifests")
+    s.add_argument("--out", required=True, help="key file to write (0600)")
+    s.add_argument("--algorithm", choices=["hmac-sha256", "ed25519"], default="ed25519")
+    s.add_argument("--public", help="ed25519: also write the public half here (what the service verifies with)")
+    _command(s, "proof:cmd_keygen")
+
+    s = sub.add_parser("sign", help="sign a freeze manifest with a publisher key")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--key", required=True)
+    s.add_argument("--out", help="signed manifest (default: in place, atomically)")
+    _command(s, "proof:cmd_sign")
+
+    s = sub.add_parser("verify", help="prove every frozen tensor of a model is bit-identical to the manifest")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--model", required=True, help="model folder, unet/ folder or .safetensors file")
+    _command(s, "proof:cmd_verify")
+
+
+def _service_commands(sub) -> None:
+    job = sub.add_parser("job", help="guarded fine-tuning jobs (policy-checked, proven, logged)")
+    jsub = job.add_subparsers(dest="job_command", required=True)
+    s = jsub.add_parser("submit", help="review a job against the policy, run it, prove the freeze held")
+    s.add_argument("spec", help="job spec (YAML or JSON)")
+    s.add_argument("--policy", required=True, help="publisher policy (YAML or JSON)")
+    s.add_argument("--manifest", required=True, help="signed freeze manifest (JSON)")
+    s.add_argument("--base", required=True, help="base model folder (Stable Diffusion layout)")
+    s.add_argument("--out", help="job output folder (default runs/jobs/<job id>; must not exist)")
+    s.add_argument("--log", help="hash-chained job log (default: jobs.jsonl next to the output folder)")
+    s.add_argument("--key-file", help="manifest verification key (overrides the policy's)")
+    _command(s, "service:cmd_job_submit")
+
+    pol = sub.add_parser("policy", help="the publisher's job policy")
+    psub = pol.add_subparsers(dest="policy_command", required=True)
+    s = psub.add_parser("init", help="write a policy that pins a manifest's base model, with the default caps")
+    s.add_argument("--manifest", required=True, help="the signed manifest (its base fingerprint is pinned)")
+    s.add_argument("--key-file", required=True, help="key that verifies manifest signatures (ed25519: the public half)")
+    s.add_argument("--base", help="the base model folder: checked against the manifest, its text encoder pinned too")
+    s.add_argument("--out", required=True, help="policy file to write (YAML; must not exist)")
+    s.add_argument("--max-lr", type=float)
+    s.add_argument("--max-steps", type=int)
+    s.add_argument("--max-batch-size", type=int)
+    _command(s, "service:cmd_policy_init")
+
+    s = sub.add_parser("audit", help="verify a job log's hash chain and records")
+    s.add_argument("log", help="job log (JSONL)")
+    s.add_argument("--outputs", action="store_true", help="also re-hash every recorded delta file")
+    s.add_argument("--head", help="expected hash of the newest record (anchors the tail)")
+    _command(s, "proof:cmd_audit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"freezeasguard {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-    train.register(sub)  # info, finetune, generate, verify
-    guard.register(sub)  # keygen, sign, learn-mask, mask-report
-    service.register(sub)  # job submit, audit
+    _engine_commands(sub)  # info, finetune, generate, export-digits
+    _guard_commands(sub)  # learn-mask, mask-report, keygen, sign, verify
+    _service_commands(sub)  # job submit, policy init, audit
     return p
 
 
@@ -32,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    module, func = args.impl.split(":")
     try:
-        return int(args.func(args) or 0)
+        cmd = getattr(importlib.import_module(f"freezeasguard.engine.cli.{module}"), func)
+        return int(cmd(args) or 0)
     except (FreezeAsGuardError, FileNotFoundError) as e:
         print(f"freezeasguard {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,15 @@
-"""``job submit`` and ``audit``: the publisher's guarded-job service on the command line."""
+"""``job submit`` and ``policy init``: the publisher's guarded-job service on the command line."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from freezeasguard.engine.errors import ConfigError, JobError, JobLogError, PolicyViolation
-from freezeasguard.engine.service.run import RECORD_FILE, audit_jobs, submit
+from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.model.components import load_components
+from freezeasguard.engine.service.policy import policy_for
+from freezeasguard.engine.service.run import RECORD_FILE, submit
 
 
 def cmd_job_submit(args: argparse.Namespace) -> int:
@@ -26,31 +30,20 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
-    try:
-        report = audit_jobs(args.log, outputs=args.outputs, expect_head=args.head)
-    except JobLogError as exc:
-        print(f"freezeasguard audit: error: {exc}", file=sys.stderr)
+def cmd_policy_init(args: argparse.Namespace) -> int:
+    if Path(args.out).exists():
+        print(f"freezeasguard policy init: error: {args.out} exists; refusing to replace a policy", file=sys.stderr)
         return 2
-    print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
-    return 0 if report.ok else 1
-
-
-def register(subparsers) -> None:
-    """Add ``job submit`` and ``audit`` to the ``freezeasguard`` command line."""
-    job = subparsers.add_parser("job", help="guarded fine-tuning jobs (policy-checked, proven, logged)")
-    jsub = job.add_subparsers(dest="job_command", required=True)
-    s = jsub.add_parser("submit", help="review a job against the policy, run it, prove the freeze held")
-    s.add_argument("spec", help="job spec (YAML or JSON)")
-    s.add_argument("--policy", required=True, help="publisher policy (YAML or JSON)")
-    s.add_argument("--manifest", required=True, help="signed freeze manifest (JSON)")
-    s.add_argument("--base", required=True, help="base model folder (Stable Diffusion layout)")
-    s.add_argument("--out", help="job output folder (default runs/jobs/<job id>; must not exist)")
-    s.add_argument("--log", help="hash-chained job log (default: jobs.jsonl next to the output folder)")
-    s.add_argument("--key-file", help="manifest verification key (overrides the policy's)")
-    s.set_defaults(func=cmd_job_submit)
-    a = subparsers.add_parser("audit", help="verify a job log's hash chain and records")
-    a.add_argument("log", help="job log (JSONL)")
-    a.add_argument("--outputs", action="store_true", help="also re-hash every recorded delta file")
-    a.add_argument("--head", help="expected hash of the newest record (anchors the tail)")
-    a.set_defaults(func=cmd_audit)
+    manifest = Manifest.load(args.manifest)
+    te = None
+    if args.base:
+        base = load_components(args.base)
+        manifest.check_model(base.unet)  # the manifest must be for this very base
+        te = base.text_encoder
+    caps = {k: getattr(args, k) for k in ("max_lr", "max_steps", "max_batch_size") if getattr(args, k) is not None}
+    policy = policy_for(manifest, args.key_file, te, **caps)
+    policy.save(args.out)
+    print(f"policy written to {args.out}: base {policy.base_fingerprint[:16]}...,"
+          f"{' text encoder pinned,' if te is not None else ''} max_lr {policy.max_lr:g}, max_steps {policy.max_steps}, "
+          f"max_batch_size {policy.max_batch_size}, {policy.signature.algorithm} key {args.key_file}")
+    return 0

@@ -265,6 +265,20 @@ class Manifest:
                                     f"{self.base_fingerprint[:16]}...: not the same base weights")
         return problems
 
+    def fit_summary(self, model: NamedTensors) -> str | None:
+        """One line on how ``model``'s tensor layout differs from this manifest's (None: names and
+        shapes fit), e.g. "212 of 686 tensors differ in shape, 3 missing, 1 unknown"."""
+        tensors = named_tensors(model)
+        shape = sum(1 for n, t in tensors.items() if n in self.tensors and list(t.shape) != self.tensors[n]["shape"])
+        missing = sum(1 for n in self.tensors if n not in tensors)
+        unknown = sum(1 for n in tensors if n not in self.tensors)
+        if not (shape or missing or unknown):
+            return None
+        parts = [f"{shape} of {len(self.tensors)} tensors differ in shape"]
+        parts += [f"{missing} missing"] if missing else []
+        parts += [f"{unknown} unknown to the manifest"] if unknown else []
+        return ", ".join(parts)
+
     def check_model(self, model: NamedTensors, *, dtypes: bool = True, fingerprint: bool = True) -> None:
         """Raise ``ManifestError`` listing every difference between ``model`` and the base model."""
         problems = self.model_problems(model, dtypes=dtypes, fingerprint=fingerprint)

@@ -78,7 +78,8 @@ def _finetune_config(cfg: MaskLearnConfig, out_dir: str) -> FinetuneConfig:
     train = TrainConfig(steps=cfg.bootstrap_steps, batch_size=u.batch_size, lr=u.lr, beta1=u.beta1,
                         beta2=u.beta2, eps=u.eps, weight_decay=u.weight_decay, max_grad_norm=u.max_grad_norm,
                         mixed_precision=cfg.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
-                        seed=cfg.seed, device=cfg.device, num_threads=cfg.num_threads, progress=cfg.progress)
+                        seed=cfg.seed, device=cfg.device, num_threads=cfg.num_threads, progress=cfg.progress,
+                        checkpoint_every=None)  # the fine-tuned weights are the product, kept as finetuned/
     return FinetuneConfig(model=ModelConfig(pretrained=cfg.base), data=DataConfig(path=cfg.data),
                           train=train, out_dir=out_dir)
 

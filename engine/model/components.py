@@ -6,6 +6,7 @@ preset's config (``model.presets``). Folders are written atomically.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel
+from transformers.utils import logging as hf_logging
 
 from freezeasguard.engine.errors import ModelError
 from freezeasguard.engine.io import atomic_dir, save_safetensors_atomic
@@ -62,18 +64,35 @@ class Components:
 
 def build_components(preset: str, *, space: str | None = None, resolution: int | None = None,
                      prediction_type: str | None = None, extra_words: tuple[str, ...] = (),
-                     seed: int = 0) -> Components:
-    """Randomly initialised networks of a preset (seeded), on the CPU."""
+                     seed: int = 0, tokenizer: str = "auto") -> Components:
+    """Randomly initialised networks of a preset (seeded), on the CPU.
+
+    Args:
+        extra_words: caption words the word-level tokenizer must know (ignored by CLIP's BPE).
+        tokenizer: 'auto', 'clip' or 'word' (``model.tokenizer.build_tokenizer``).
+    """
     p = get_preset(preset)
     space = space or p.space
     resolution = resolution or p.resolution
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(extra_words)
+    tok = build_tokenizer(extra_words, kind=tokenizer)
     unet = build_unet(p, space=space, resolution=resolution)
-    text_encoder = build_text_encoder(p, tokenizer)
+    text_encoder = build_text_encoder(p, tok)
     vae = build_vae(p) if space == "latent" else None
-    schedule = NoiseSchedule(prediction_type=prediction_type or p.prediction_type)
-    return Components(unet, text_encoder, tokenizer, vae, schedule, resolution, source=preset)
+    schedule = NoiseSchedule(p.scheduler, prediction_type=prediction_type or p.prediction_type)
+    return Components(unet, text_encoder, tok, vae, schedule, resolution, source=preset)
+
+
+@contextlib.contextmanager
+def _no_hub_progress_bars():
+    # transformers draws a progress bar for every load and save, even of a 36-tensor text encoder.
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def save_components(c: Components, path: str | os.PathLike, *, unet_state: dict | None = None,
@@ -85,7 +104,7 @@ def save_components(c: Components, path: str | os.PathLike, *, unet_state: dict 
     objects written as JSON inside the folder (e.g. the freeze proof).
     """
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp, _no_hub_progress_bars():
         # The config through diffusers, the weights ourselves: the exact tensors given (diffusers'
         # save_pretrained would write the live module, e.g. bf16 copies of frozen tensors).
         c.unet.save_config(tmp / "unet")
@@ -103,7 +122,7 @@ def save_components(c: Components, path: str | os.PathLike, *, unet_state: dict 
             "unet": ["diffusers", "UNet2DConditionModel"],
             "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", type(c.tokenizer).__name__],
-            "scheduler": ["diffusers", "DDPMScheduler"],
+            "scheduler": ["diffusers", c.schedule.config.get("_class_name", "DDIMScheduler")],
             "vae": ["diffusers", "AutoencoderKL"] if c.vae is not None else [None, None],
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
@@ -120,17 +139,17 @@ def load_components(path: str | os.PathLike, *, torch_dtype: torch.dtype = torch
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"model folder {str(path)!r} does not exist")
-    missing = [d for d in ("unet", "text_encoder", "tokenizer") if not (path / d).is_dir()]
+    missing = [d for d in ("unet", "text_encoder", "tokenizer", "scheduler") if not (path / d).is_dir()]
     if missing:
         raise ModelError(f"model folder {str(path)!r} lacks {', '.join(d + '/' for d in missing)} "
                          "(expected the layout save_pretrained writes for Stable Diffusion)")
-    unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch_dtype)
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    vae = (AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch_dtype)
-           if (path / "vae").is_dir() else None)
-    schedule = (NoiseSchedule.load(path / "scheduler") if (path / "scheduler").is_dir()
-                else NoiseSchedule())
+    with _no_hub_progress_bars():
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch_dtype)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        vae = (AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch_dtype)
+               if (path / "vae").is_dir() else None)
+    schedule = NoiseSchedule.load(path / "scheduler")
     resolution = None
     index = path / "model_index.json"
     if index.is_file():

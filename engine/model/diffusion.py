@@ -1,120 +1,136 @@
-"""DDPM noise schedule for training (epsilon and v-prediction) and a DDIM sampler.
+"""Noise schedules, as diffusers computes them from a model's ``scheduler/`` config, and the loss.
 
-The schedule is Stable Diffusion's (``scaled_linear`` betas from 0.00085 to 0.012 over 1,000
-steps) and writes/reads diffusers' ``scheduler_config.json``, so a folder saved here loads in
-diffusers and a real checkout's scheduler loads here.
+A model folder's ``scheduler/scheduler_config.json`` holds every setting of its diffusion process
+(``beta_schedule``, ``trained_betas``, ``prediction_type``, ``timestep_spacing``, ``steps_offset``,
+``rescale_betas_zero_snr``, ...). Training noises images with diffusers' ``DDPMScheduler`` built
+from that config, as diffusers' own training scripts do whatever sampler the checkout names;
+sampling (``model.sampling``) uses DDIM built from the same config, or the class the checkout
+names. No schedule math is reimplemented here, so a setting of a real model is never dropped.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Mapping
 
+import diffusers
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
+from freezeasguard.engine.errors import ModelError
 from freezeasguard.engine.io import atomic_write_json
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+CONFIG_FILE = "scheduler_config.json"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Stable Diffusion v1's process; a folder's config overrides any of these. Written out as DDIM
+# (what `generate` samples with by default), so diffusers' pipelines load our folders the same way.
+SD_SCHEDULER: dict[str, Any] = {
+    "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "trained_betas": None, "prediction_type": "epsilon",
+    "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
+    "rescale_betas_zero_snr": False,
+}
 
 
 class NoiseSchedule:
-    """Forward-process coefficients, kept in fp64 on the host and cast per use."""
+    """The forward process of one model: noising, training targets, timesteps, and its samplers.
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
-                 beta_end: float = 0.012, beta_schedule: str = "scaled_linear",
-                 prediction_type: str = "epsilon"):
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        if beta_schedule == "scaled_linear":
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-        elif beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-        else:
-            raise ValueError(f"beta_schedule must be 'scaled_linear' or 'linear', got {beta_schedule!r}")
-        self.num_train_timesteps = num_train_timesteps
-        self.beta_start, self.beta_end, self.beta_schedule = beta_start, beta_end, beta_schedule
-        self.prediction_type = prediction_type
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        self._dev: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    Args:
+        config: a diffusers scheduler config (any scheduler class); missing keys take SD v1's values.
+        **overrides: settings that replace the config's (e.g. ``prediction_type='v_prediction'``).
+    """
+
+    def __init__(self, config: Mapping[str, Any] | None = None, **overrides: Any):
+        cfg = {**SD_SCHEDULER, **{k: v for k, v in (config or {}).items() if not k.startswith("_")
+                                  or k == "_class_name"}, **overrides}
+        if cfg["prediction_type"] not in PREDICTION_TYPES:
+            raise ModelError(f"scheduler prediction_type must be one of {PREDICTION_TYPES}, "
+                             f"got {cfg['prediction_type']!r}")
+        try:
+            self.ddpm = DDPMScheduler.from_config(cfg)
+        except (ValueError, NotImplementedError, TypeError) as exc:  # e.g. an unknown beta_schedule
+            raise ModelError(f"scheduler config cannot be used: {exc}") from None
+        self.config = cfg
+
+    @property
+    def prediction_type(self) -> str:
+        return self.config["prediction_type"]
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.ddpm.config.num_train_timesteps)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alpha-bar_t of every training timestep (fp32, diffusers' values)."""
+        return self.ddpm.alphas_cumprod
 
     def to(self, device) -> "NoiseSchedule":
-        return self  # coefficients are gathered per batch; kept on the host, moved lazily
+        return self  # diffusers moves its coefficients to the samples' device per call
 
-    def _coefs(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (t.device, dtype)
-        if key not in self._dev:
-            ac = self.alphas_cumprod
-            self._dev[key] = (ac.sqrt().to(t.device, dtype), (1 - ac).sqrt().to(t.device, dtype))
-        a, s = self._dev[key]
-        return a[t], s[t]
+    def with_overrides(self, **overrides: Any) -> "NoiseSchedule":
+        return NoiseSchedule(self.config, **overrides)
 
-    @staticmethod
-    def _expand(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return c.view(-1, *([1] * (x.dim() - 1)))
-
+    # training ------------------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
-        a, s = self._coefs(t, x0.dtype)
-        return self._expand(a, x0) * x0 + self._expand(s, x0) * noise
-
-    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v = sqrt(a_t) noise - sqrt(1 - a_t) x0."""
-        a, s = self._coefs(t, x0.dtype)
-        return self._expand(a, x0) * noise - self._expand(s, x0) * x0
+        """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise (diffusers' ``DDPMScheduler.add_noise``)."""
+        return self.ddpm.add_noise(x0, noise, t)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return noise if self.prediction_type == "epsilon" else self.velocity(x0, noise, t)
+        """What the model learns to predict: noise, v = sqrt(a_t) noise - sqrt(1 - a_t) x0, or x0."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.ddpm.get_velocity(x0, noise, t)
+        return x0
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None,
                          device: torch.device | str = "cpu") -> torch.Tensor:
         t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
         return t.to(device)
 
-    def to_x0_eps(self, model_out: torch.Tensor, x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Recover (x0, epsilon) from a model output at integer timestep t."""
-        a = float(self.alphas_cumprod[t].sqrt())
-        s = float((1 - self.alphas_cumprod[t]).sqrt())
-        if self.prediction_type == "epsilon":
-            eps = model_out
-            x0 = (x_t - s * eps) / a
-        else:
-            x0 = a * x_t - s * model_out
-            eps = s * x_t + a * model_out
-        return x0, eps
+    # sampling ------------------------------------------------------------------------------------
+    def sampler(self, name: str = "ddim") -> SchedulerMixin:
+        """A fresh diffusers sampler built from this config.
 
-    # diffusers-compatible scheduler folder -------------------------------------------------------
-    def config(self) -> dict:
-        return {
-            "_class_name": "DDPMScheduler",
-            "num_train_timesteps": self.num_train_timesteps,
-            "beta_start": self.beta_start,
-            "beta_end": self.beta_end,
-            "beta_schedule": self.beta_schedule,
-            "prediction_type": self.prediction_type,
-            "clip_sample": False,
-            "set_alpha_to_one": False,
-            "steps_offset": 1,
-        }
+        Args:
+            name: 'ddim' (deterministic DDIM, the default), 'checkout' (the class the folder's
+                config names), or the name of any diffusers scheduler class.
+        """
+        if name == "ddim":
+            return DDIMScheduler.from_config(self.config)
+        cls_name = self.config.get("_class_name", "DDIMScheduler") if name == "checkout" else name
+        cls = getattr(diffusers, str(cls_name), None)
+        if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+            raise ModelError(f"unknown diffusers scheduler {cls_name!r} (use 'ddim', 'checkout' or a class name "
+                             "such as 'DPMSolverMultistepScheduler')")
+        return cls.from_config(self.config)
 
+    # folders ---------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> None:
-        atomic_write_json(Path(folder) / "scheduler_config.json", self.config())
+        atomic_write_json(Path(folder) / CONFIG_FILE, self.config)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "NoiseSchedule":
-        path = Path(folder) / "scheduler_config.json"
-        cfg = json.loads(path.read_text())
-        return cls(num_train_timesteps=cfg.get("num_train_timesteps", 1000),
-                   beta_start=cfg.get("beta_start", 0.00085), beta_end=cfg.get("beta_end", 0.012),
-                   beta_schedule=cfg.get("beta_schedule", "scaled_linear"),
-                   prediction_type=cfg.get("prediction_type", "epsilon"))
+        path = Path(folder) / CONFIG_FILE
+        try:
+            cfg = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ModelError(f"{folder}: no {CONFIG_FILE}") from None
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise ModelError(f"{path}: a scheduler config is a JSON object")
+        return cls(cfg)
 
 
 def diffusion_loss(unet: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cond: torch.Tensor,
                    noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Noise-prediction MSE in fp32 (epsilon or v target, per the schedule)."""
+    """Noise-prediction MSE in fp32 (the schedule's target: epsilon, v or x0)."""
     x_t = schedule.add_noise(x0, noise, t)
     out = unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
     return F.mse_loss(out.float(), schedule.target(x0, noise, t).float())
@@ -127,46 +143,3 @@ def per_sample_diffusion_loss(unet: nn.Module, schedule: NoiseSchedule, x0: torc
     out = unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
     err = F.mse_loss(out.float(), schedule.target(x0, noise, t).float(), reduction="none")
     return err.flatten(1).mean(1)
-
-
-def ddim_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
-    """Evenly spaced timesteps, high to low, with SD's ``steps_offset=1`` ("leading" spacing)."""
-    if not 1 <= steps <= schedule.num_train_timesteps:
-        raise ValueError(f"steps must be in [1, {schedule.num_train_timesteps}], got {steps}")
-    ratio = schedule.num_train_timesteps // steps
-    return [i * ratio + 1 for i in range(steps)][::-1]
-
-
-@torch.no_grad()
-def ddim_sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
-                x_T: torch.Tensor, steps: int = 50, eta: float = 0.0,
-                generator: torch.Generator | None = None,
-                progress: Callable | None = None) -> torch.Tensor:
-    """Deterministic (eta=0) or stochastic DDIM from x_T to x_0.
-
-    Args:
-        denoise: ``f(x_t, t_batch) -> model output`` (epsilon or v, per the schedule), with
-            classifier-free guidance already applied by the caller if wanted.
-        x_T: initial noise.
-    Returns:
-        x_0 estimate, same shape and dtype as ``x_T``.
-    """
-    ac = schedule.alphas_cumprod
-    x = x_T
-    ts = ddim_timesteps(schedule, steps)
-    it = progress(ts) if progress is not None else ts
-    for i, t in enumerate(it):
-        prev = ts[i + 1] if i + 1 < len(ts) else -1
-        a_t = float(ac[t])
-        # After the last step SD's config (set_alpha_to_one=False) uses alpha_bar[0], not 1.
-        a_prev = float(ac[prev]) if prev >= 0 else float(ac[0])
-        tb = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        out = denoise(x, tb).to(x.dtype)
-        x0, eps = schedule.to_x0_eps(out, x, t)
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-        dir_xt = (1 - a_prev - sigma**2) ** 0.5 * eps
-        x = a_prev**0.5 * x0 + dir_xt
-        if sigma > 0:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            x = x + sigma * noise
-    return x

@@ -1,6 +1,12 @@
-"""Text-to-image generation with DDIM and classifier-free guidance."""
+"""Text-to-image generation with a diffusers sampler and classifier-free guidance.
+
+The sampler is built from the model's own scheduler config (``NoiseSchedule.sampler``): DDIM by
+default, deterministic for a seed; ``sampler='checkout'`` uses the class the model folder names,
+and any diffusers scheduler class can be named.
+"""
 from __future__ import annotations
 
+import inspect
 import io
 
 import numpy as np
@@ -10,18 +16,19 @@ from tqdm import tqdm
 
 from freezeasguard.engine.io import atomic_write_bytes
 from freezeasguard.engine.model.components import Components
-from freezeasguard.engine.model.diffusion import ddim_sample
 from freezeasguard.engine.model.encode import encode_text
 
 
 @torch.inference_mode()
 def generate(c: Components, prompts: list[str], *, steps: int = 30, guidance: float = 1.0,
              seed: int = 0, batch_size: int = 64, device: torch.device | str | None = None,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, sampler: str = "ddim") -> torch.Tensor:
     """Sample one image per prompt.
 
     Args:
+        steps: sampling steps.
         guidance: classifier-free guidance scale; 1.0 = conditional prediction only.
+        sampler: 'ddim', 'checkout' or a diffusers scheduler class name (``NoiseSchedule.sampler``).
     Returns:
         uint8 images [len(prompts), 3, H, W] on the CPU.
     """
@@ -38,20 +45,25 @@ def generate(c: Components, prompts: list[str], *, steps: int = 30, guidance: fl
         chunk = prompts[i:i + batch_size]
         cond = encode_text(c, chunk, device=device).to(dtype)
         shape = (len(chunk), c.latent_channels, c.latent_size, c.latent_size)
-        x_T = torch.randn(shape, generator=g).to(device, dtype)
-
-        def denoise(x, t, cond=cond):
+        sched = c.schedule.sampler(sampler)
+        sched.set_timesteps(steps, device=device)
+        x = torch.randn(shape, generator=g).to(device, dtype) * sched.init_noise_sigma
+        # Stochastic samplers draw their noise from the seeded generator too.
+        extra = {"generator": g} if "generator" in inspect.signature(sched.step).parameters else {}
+        for t in sched.timesteps:
+            x_in = sched.scale_model_input(x, t)
+            tb = t.expand(len(chunk)).to(device)
             if uncond is None:
-                return c.unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
-            both = torch.cat([uncond.expand(len(x), -1, -1).to(dtype), cond])
-            e_u, e_c = c.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=both,
-                              return_dict=False)[0].chunk(2)
-            return e_u + guidance * (e_c - e_u)
-
-        x0 = ddim_sample(denoise, c.schedule, x_T, steps=steps, generator=g)
+                pred = c.unet(x_in, tb, encoder_hidden_states=cond, return_dict=False)[0]
+            else:
+                both = torch.cat([uncond.expand(len(chunk), -1, -1).to(dtype), cond])
+                e_u, e_c = c.unet(torch.cat([x_in, x_in]), torch.cat([tb, tb]), encoder_hidden_states=both,
+                                  return_dict=False)[0].chunk(2)
+                pred = e_u + guidance * (e_c - e_u)
+            x = sched.step(pred.to(x.dtype), t, x, **extra, return_dict=False)[0]
         if c.vae is not None:
-            x0 = c.vae.decode(x0 / c.vae_scaling(), return_dict=False)[0]
-        out.append(((x0.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+            x = c.vae.decode(x / c.vae_scaling(), return_dict=False)[0]
+        out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
     return torch.cat(out)
 
 

@@ -1,15 +1,41 @@
 """AdamW over one flat fp32 buffer that the trainable parameters are views of.
 
 Trainable tensors are views of ONE contiguous fp32 buffer and their gradients views of ONE gradient
-buffer, so zeroing is one fill, the global norm one reduction and AdamW one call (the one-launch
-Triton kernel on CUDA, torch's fused AdamW on CPU). Frozen tensors are not in the buffer at all.
+buffer, so zeroing is one fill, the global norm one reduction and AdamW one call: the one-launch
+Triton kernel on CUDA, torch's public fused AdamW on CPU, and on CUDA too where Triton cannot run.
+Frozen tensors are not in the buffer at all. A step reads the gradient buffer and never writes it.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
+from freezeasguard.engine.errors import TrainingError
+from freezeasguard.kernels import _triton
 from freezeasguard.kernels.adamw import fused_adamw_, global_grad_norm
+
+BACKENDS = ("auto", "triton", "torch_fused", "torch")
+
+
+def resolve_flat_backend(backend: str, device: torch.device) -> tuple[str, str]:
+    """The AdamW implementation for a flat buffer on ``device``, and why.
+
+    'auto': the Triton kernel on CUDA when Triton runs there, else torch's fused AdamW (on CPU the
+    interpreter is correct but far too slow to train with). An explicit choice is kept; 'triton'
+    where it cannot run is refused by the kernel with the reason.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"flat AdamW backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend, "requested"
+    if device.type != "cuda":
+        return "torch_fused", f"{device.type}: torch's fused AdamW"
+    why = _triton.blocker(device)
+    if why is None:
+        return "triton", "CUDA: one Triton launch"
+    return "torch_fused", f"CUDA without Triton ({why}): torch's fused AdamW"
 
 
 class FlatAdamW(torch.optim.Optimizer):
@@ -44,9 +70,9 @@ class FlatAdamW(torch.optim.Optimizer):
         flat.grad = grad
         self.decay_end = sum(p.numel() for _, p in ordered if p.dim() >= 2)
         self.named = ordered
-        # CUDA: the one-launch Triton kernel. CPU: torch's fused (vectorised, one pass) AdamW.
-        self.backend = backend if backend != "auto" else ("triton" if device.type == "cuda" else "torch_fused")
-        self._scale: torch.Tensor | None = None
+        self.backend, self.backend_reason = resolve_flat_backend(backend, device)
+        self._scale: torch.Tensor | None = None  # clip coefficient for the next step (device scalar)
+        self._norm: torch.Tensor | None = None  # gradient norm clip_grad_norm_ measured for it
         super().__init__([flat], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         st = self.state[flat]
         st["step"] = 0
@@ -62,7 +88,7 @@ class FlatAdamW(torch.optim.Optimizer):
         nod = [(n, p) for n, p in self.named if p.dim() < 2]
         return (f"flat optimizer groups: decay: {len(dec)} tensors, {self.decay_end:,} params; "
                 f"no_decay: {len(nod)} tensors, {self.flat.numel() - self.decay_end:,} params; "
-                f"one {self.flat.numel():,}-element fp32 buffer, AdamW backend {self.backend}")
+                f"one {self.flat.numel():,}-element fp32 buffer, AdamW backend {self.backend} ({self.backend_reason})")
 
     def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002 - views must survive
         self.flat.grad.zero_()
@@ -71,11 +97,23 @@ class FlatAdamW(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float | None) -> torch.Tensor:
         """Global L2 norm of the gradients; with ``max_norm``, clip inside the next step."""
         norm = global_grad_norm(self.flat.grad)
+        self._norm = norm
         self._scale = None if max_norm is None else torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         return norm
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ARG002
+        """One AdamW step. On CPU a non-finite gradient norm (an inf or NaN gradient) is refused before
+        anything is written (clipping would turn inf into a zero scale and still move every weight
+        by its momentum and decay); on CUDA that check is the caller's, as it costs a host sync
+        (the trainer makes it)."""
+        norm, self._norm = self._norm, None
+        if self.flat.device.type == "cpu":
+            norm = global_grad_norm(self.flat.grad) if norm is None else norm
+            if not math.isfinite(float(norm)):
+                self._scale = None
+                raise TrainingError(f"the gradient norm is {float(norm)}: the AdamW step was refused; no parameter, "
+                                    "moment or step count changed")
         g = self.param_groups[0]
         st = self.state[self.flat]
         st["step"] += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -42,37 +43,57 @@ def _matches(pattern: str, name: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def resolve_lora_targets(unet: nn.Module, mask: FreezeMask,
-                         patterns: list[str]) -> tuple[list[str], list[str]]:
-    """Resolve LoRA target patterns to full module names of ``unet`` and check them.
+@dataclass
+class LoraTargets:
+    """What a job's LoRA target patterns resolve to under a mask.
 
-    An adapter on a module changes that module's output exactly as changing its weights would,
-    so a module may take an adapter only if *every* one of its own tensors is trainable.
+    ``modules``: full names of the modules that may take an adapter, in model order. ``frozen``:
+    one message per matched module that holds a frozen tensor (an adapter there would undo the
+    freeze). ``unmatched``: one message per pattern that matches no adaptable module.
+    """
 
-    Returns:
-        (module names in model order, problems). Modules of a pattern with any frozen tensor
-        are reported, not returned.
+    modules: list[str]
+    frozen: list[str]
+    unmatched: list[str]
+
+    def problems(self, skip_frozen: bool = False) -> list[str]:
+        """What refuses the job: unmatched patterns, frozen modules unless skipped, or no module left."""
+        out = list(self.unmatched) + ([] if skip_frozen else list(self.frozen))
+        if skip_frozen and not self.modules and not self.unmatched:
+            out.append("every module the lora targets match holds a frozen tensor: nothing is left to adapt")
+        return out
+
+
+def resolve_lora_targets(unet: nn.Module, mask: FreezeMask, patterns: list[str]) -> LoraTargets:
+    """Resolve LoRA target patterns to full module names of ``unet`` and check them against ``mask``.
+
+    A bare pattern matches modules named so or ending in ``.pattern``; a glob (with ``* ? [``) is
+    matched against full module names. An adapter on a module changes that module's output exactly
+    as changing its weights would, so a module may take one only if *every* one of its own tensors
+    is trainable.
     """
     adaptable = [(n, m) for n, m in unet.named_modules() if isinstance(m, LORA_MODULE_TYPES)]
     chosen: dict[str, None] = {}
-    problems: list[str] = []
+    frozen_msgs: list[str] = []
+    unmatched: list[str] = []
     for pat in patterns:
         hits = [(n, m) for n, m in adaptable if _matches(pat, n)]
         if not hits:
-            problems.append(f"lora target {pat!r} matches no Linear or Conv2d module of the UNet "
-                            "(adapters go on the UNet only)")
+            unmatched.append(f"lora target {pat!r} matches no Linear or Conv2d module of the UNet "
+                             "(adapters go on the UNet only)")
             continue
         for n, m in hits:
             frozen = [f"{n}.{pn}" for pn, _ in m.named_parameters(recurse=False)
                       if f"{n}.{pn}" in mask.frozen_set]
             if frozen:
-                problems.append(f"lora target {n!r} (pattern {pat!r}) is a frozen module: "
-                                f"{', '.join(frozen)} frozen by the manifest; an adapter there "
-                                "would undo the freeze")
+                frozen_msgs.append(f"lora target {n!r} (pattern {pat!r}) is a frozen module: "
+                                   f"{', '.join(frozen)} frozen by the manifest; an adapter there "
+                                   "would undo the freeze")
             else:
                 chosen.setdefault(n, None)
     order = {n: i for i, (n, _) in enumerate(adaptable)}
-    return sorted(chosen, key=order.__getitem__), problems
+    modules = sorted(chosen, key=order.__getitem__)
+    return LoraTargets(modules, frozen_msgs, unmatched)
 
 
 class LoraWiring:

@@ -8,7 +8,6 @@ readability, the resolved training config). Every problem found is collected int
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import secrets
@@ -25,6 +24,7 @@ from freezeasguard.engine.errors import (
     SignatureError,
 )
 from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.io import file_sha256
 from freezeasguard.engine.model.components import Components, load_components
 from freezeasguard.engine.model.data import ImageDataset, load_image_folder
 from freezeasguard.engine.service.joblog import tail_problem
@@ -42,14 +42,6 @@ from freezeasguard.engine.service.spec import JobSpec
 MANIFEST_FILE = "manifest.json"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class JobPlan:
     """An accepted job: everything ``run_job`` needs, already checked."""
@@ -64,6 +56,7 @@ class JobPlan:
     config: FinetuneConfig
     base_fingerprint: str
     lora_modules: list[str]
+    lora_skipped: list[str]  # matched modules left out because they hold frozen tensors (skip_frozen)
     out: Path
     log: Path
     sources: dict[str, str] = field(default_factory=dict)  # spec / policy / manifest / base paths
@@ -194,15 +187,15 @@ def plan_job(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLi
     problems += spec_problems(spec, policy, man.mask() if man is not None else None)
     if man is not None and key is not None:
         problems += manifest_signature_problems(man, key)
-    fingerprint, lora_modules = "", []
+    fingerprint, lora_modules, lora_skipped = "", [], []
     if comps is not None:
         fingerprint, found = base_problems(policy, man, comps.unet, comps.text_encoder)
         problems += found
         # Module names resolve against the mask only when the manifest fits the model's tensors.
         if spec.method == "lora" and man is not None and not man.model_problems(comps.unet, fingerprint=False):
-            lora_modules, found = resolve_lora_targets(comps.unet, man.mask(comps.unet),
-                                                       spec.lora_settings.targets)
-            problems += found
+            targets = resolve_lora_targets(comps.unet, man.mask(comps.unet), spec.lora_settings.targets)
+            lora_modules, lora_skipped = targets.modules, targets.frozen if spec.lora_settings.skip_frozen else []
+            problems += targets.problems(skip_frozen=spec.lora_settings.skip_frozen)
 
     resolution = spec.train.resolution
     if comps is not None:
@@ -221,4 +214,4 @@ def plan_job(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLi
         raise PolicyViolation(problems)
     return JobPlan(job_id=job_id, spec=spec, policy=policy, manifest=man, components=comps,
                    dataset=dataset, dataset_files=files, config=cfg, base_fingerprint=fingerprint,
-                   lora_modules=lora_modules, out=out, log=log_path, sources=sources)
+                   lora_modules=lora_modules, lora_skipped=lora_skipped, out=out, log=log_path, sources=sources)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from torch import nn
 
 from freezeasguard.engine.config import TrainConfig, from_dict, load_file
@@ -31,7 +32,8 @@ from freezeasguard.engine.errors import ConfigError
 from freezeasguard.engine.guard.hashing import model_fingerprint
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
-from freezeasguard.engine.service.signing import ALGORITHMS, ED25519, Key, signature_problem
+from freezeasguard.engine.io import atomic_write_text
+from freezeasguard.engine.service.signing import ALGORITHMS, ED25519, Key, load_key, signature_problem
 from freezeasguard.engine.service.spec import METHODS, JobSpec
 
 # Train settings the service owns: where and how it runs, not how the model learns.
@@ -126,6 +128,30 @@ class Policy:
     def load(cls, path: str | os.PathLike) -> "Policy":
         path = Path(path)
         return cls.from_dict(load_file(path), source=f"policy {str(path)!r}", root=path.parent)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the policy as YAML, atomically; ``signature.key_file`` relative to its folder."""
+        path = Path(path)
+        data = self.to_dict()
+        kf = data["signature"]["key_file"]
+        if kf:
+            data["signature"]["key_file"] = os.path.relpath(Path(kf).absolute(), path.absolute().parent)
+        return atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def policy_for(manifest: Manifest, key_file: str | os.PathLike, text_encoder: nn.Module | None = None,
+               **caps: Any) -> Policy:
+    """A policy pinning the base ``manifest`` was made for (and, if given, its text encoder), with
+    the service's default caps unless ``caps`` sets them, verifying signatures with ``key_file``."""
+    key = load_key(key_file)
+    policy = from_dict(Policy, {"base_fingerprint": manifest.base_fingerprint, **caps,
+                                "signature": {"algorithm": key.alg, "key_file": str(key_file)}})
+    if text_encoder is not None:
+        policy.text_encoder_fingerprint = model_fingerprint(text_encoder)
+    problems = policy.problems()
+    if problems:
+        raise ConfigError("not a usable policy:\n  " + "\n  ".join(problems))
+    return policy
 
 
 # ---------------------------------------------------------------------------------------- rules

@@ -4,8 +4,8 @@
 the *delta* (only the trainable tensors; for LoRA only the adapter tensors), proves that every
 frozen tensor is bit-identical to the signed manifest, publishes the folder in one rename, and
 appends the job record (dataset file hashes, resolved config, manifest digest, base fingerprint,
-output hash, verify result) to the hash-chained job log (``service.joblog``). ``audit_jobs``
-checks a log and, optionally, every published output.
+output hash, verify result) to the hash-chained job log (``service.joblog``);
+``service.audit.audit_jobs`` checks a log and, optionally, every published output.
 
 ``freezeasguard.engine.service.delta.merge_delta`` is the other end: it applies a delta to the base
 and refuses one that would change a frozen tensor or names a tensor the base does not have.
@@ -19,23 +19,23 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from freezeasguard.engine import __version__
 from freezeasguard.engine.errors import JobError, JobLogError
 from freezeasguard.engine.guard.verify import VerifyReport
-from freezeasguard.engine.io import atomic_dir, atomic_write_json, save_safetensors_atomic
+from freezeasguard.engine.io import atomic_dir, atomic_write_json, file_sha256, save_safetensors_atomic
+from freezeasguard.engine.service.audit import RECORD_SCHEMA
 from freezeasguard.engine.service.delta import DELTA_FORMAT
-from freezeasguard.engine.service.joblog import AuditReport, append_record, audit
+from freezeasguard.engine.service.joblog import append_record
 from freezeasguard.engine.service.lora import LoraWiring
-from freezeasguard.engine.service.plan import MANIFEST_FILE, JobPlan, file_sha256, plan_job
+from freezeasguard.engine.service.plan import MANIFEST_FILE, JobPlan, plan_job
 from freezeasguard.engine.service.policy import Policy
 from freezeasguard.engine.service.spec import JobSpec
 from freezeasguard.engine.train.trainer import Trainer
 
 log = logging.getLogger("freezeasguard")
 
-RECORD_SCHEMA = "freezeasguard.job/1"
 DELTA_FILE, RECORD_FILE = "delta.safetensors", "record.json"
 
 
@@ -62,7 +62,7 @@ def _base_record(plan: JobPlan, started: str) -> dict[str, Any]:
     cfg = plan.config.to_dict()
     method: dict[str, Any] = {"name": spec.method}
     if spec.method == "lora":
-        method.update(dataclasses.asdict(spec.lora_settings), modules=plan.lora_modules)
+        method.update(dataclasses.asdict(spec.lora_settings), modules=plan.lora_modules, skipped=plan.lora_skipped)
     return {
         "schema": RECORD_SCHEMA, "job_id": plan.job_id, "name": spec.name, "version": __version__,
         "started": started, "sources": plan.sources, "spec": spec.to_dict(),
@@ -154,39 +154,3 @@ def _run(plan: JobPlan, record: dict[str, Any]) -> JobResult:
 def submit(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLike, **kw) -> JobResult:
     """``plan_job`` then ``run_job`` (keyword arguments as in ``plan_job``)."""
     return run_job(plan_job(spec, policy, **kw))
-
-
-# --------------------------------------------------------------------------------------- audit
-_RECORD_KEYS = ("schema", "job_id", "status", "spec", "config", "dataset", "manifest", "base",
-                "verify", "output")
-
-
-def record_problems(record: Mapping[str, Any], *, outputs: bool = False) -> list[str]:
-    """What is wrong with one job record; with ``outputs``, also re-hash its delta file."""
-    missing = [k for k in _RECORD_KEYS if k not in record]
-    if missing:
-        return [f"job record lacks {missing}"]
-    if record["schema"] != RECORD_SCHEMA:
-        return [f"unknown job record schema {record['schema']!r}"]
-    out: list[str] = []
-    if record["status"] == "completed":
-        if not (isinstance(record["verify"], dict) and record["verify"].get("ok") is True):
-            out.append(f"job {record['job_id']}: completed without a passing freeze verification")
-        o = record["output"]
-        if not isinstance(o, dict) or not isinstance(o.get("sha256"), str):
-            out.append(f"job {record['job_id']}: completed without an output hash")
-        elif outputs:
-            path = Path(o.get("path", ""))
-            if not path.is_file():
-                out.append(f"job {record['job_id']}: output {str(path)!r} is missing")
-            elif file_sha256(path) != o["sha256"]:
-                out.append(f"job {record['job_id']}: output {str(path)!r} does not match its recorded sha256")
-    elif record["status"] != "failed":
-        out.append(f"job {record['job_id']}: unknown status {record['status']!r}")
-    return out
-
-
-def audit_jobs(path: str | os.PathLike, *, outputs: bool = False,
-               expect_head: str | None = None) -> AuditReport:
-    """Verify a job log's hash chain and every record in it (see ``joblog.audit``)."""
-    return audit(path, check_record=lambda r: record_problems(r, outputs=outputs), expect_head=expect_head)

@@ -41,6 +41,9 @@ class LoraSpec:
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     """Module name patterns: a bare name matches modules named so or ending in '.name'; a glob
     (with * ? [) is matched against full module names."""
+    skip_frozen: bool = False
+    """Leave out the matched modules that hold a frozen tensor (the job record lists them) instead
+    of refusing the job; an adapter never goes on a frozen module either way."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from freezeasguard.engine import __version__
-from freezeasguard.engine.config import FinetuneConfig
+from freezeasguard.engine.config import FinetuneConfig, TrainConfig
 from freezeasguard.engine.errors import TrainingError
 from freezeasguard.engine.io import atomic_write_json
 from freezeasguard.engine.model.attention import set_attention_backend
@@ -45,6 +45,18 @@ log = logging.getLogger("freezeasguard")
 # Settings a resumed run may change: how long it runs and how it reports, not what it learns.
 RESUME_FREE_KEYS = ("out_dir", "train.steps", "train.progress", "train.log_every", "train.checkpoint_every",
                     "train.keep_checkpoints", "train.device", "train.num_threads")
+
+
+def lr_factor(step: int, tc: TrainConfig) -> float:
+    """The learning rate of ``step`` (from 0) as a fraction of ``tc.lr``: linear warm-up over
+    ``warmup_steps``, then constant, or a cosine from 1 down to ``min_lr_ratio`` at the last step."""
+    warm = tc.warmup_steps
+    if warm and step < warm:
+        return (step + 1) / warm
+    if tc.lr_schedule == "cosine":
+        done = (step - warm) / max(1, tc.steps - warm)
+        return tc.min_lr_ratio + (1.0 - tc.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
+    return 1.0
 
 
 @dataclass
@@ -106,6 +118,11 @@ class Trainer:
         if components is None:
             components = self._build_components(dataset)
         self.c = components.to(self.device)
+        want = cfg.model.prediction_type
+        if want is not None and want != self.c.schedule.prediction_type:
+            log.info("prediction_type %s (model.prediction_type) instead of the model's %s",
+                     want, self.c.schedule.prediction_type)
+            self.c.schedule = self.c.schedule.with_overrides(prediction_type=want)
         if dataset.resolution != self.c.resolution:
             raise TrainingError(f"dataset resolution {dataset.resolution} != model resolution {self.c.resolution}")
         for m in (self.c.text_encoder, self.c.vae):
@@ -125,8 +142,7 @@ class Trainer:
         self.model: nn.Module = self.c.unet
         if self.dist.world > 1:
             self.model = DDP(self.c.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, tc))
         self.step = 0
         self.history: list[StepStats] = []
         # When set, the next steps record a memory ledger (train/ledger.py) at their peak point:
@@ -156,7 +172,8 @@ class Trainer:
             return load_components(m.pretrained)
         return build_components(m.preset, space=m.space, resolution=dataset.resolution,
                                 prediction_type=m.prediction_type,
-                                extra_words=caption_words(dataset.captions), seed=self.cfg.train.seed)
+                                extra_words=caption_words(dataset.captions), seed=self.cfg.train.seed,
+                                tokenizer=m.tokenizer)
 
     def _set_attention(self) -> None:
         set_attention_backend(self.c.unet, self.cfg.model.attention)
