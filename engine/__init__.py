@@ -12,7 +12,7 @@ subpackage):
 """
 import logging as _logging
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def _quiet_optional_backends() -> None:

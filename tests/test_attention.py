@@ -43,25 +43,41 @@ def test_auto_logs_one_line_saying_why(unet, caplog):
         assert set_attention_backend(unet, "auto") == "sdpa"
     lines = [r.getMessage() for r in caplog.records if r.name == "freezeasguard"]
     n = sum(isinstance(m, Attention) for m in unet.modules())
-    assert len(lines) == 1 and lines[0].startswith(f"attention: sdpa on {n} Attention modules (xformers unusable: ")
+    assert lines == [f"attention: sdpa on {n} Attention modules (the model is on cpu; xformers needs CUDA)"]
+
+
+def test_the_choice_follows_the_models_device(unet, monkeypatch):
+    usable = Backend("xformers", True, "0.0.35", "CUDA kernels load and run")
+    monkeypatch.setattr(attn_mod, "xformers_backend", lambda: usable)
+    assert resolve_attention_backend("auto", "cuda")[0] == "xformers"
+    # a CPU model on a machine where xformers works on the GPU still gets SDPA, never a crash
+    assert set_attention_backend(unet, "auto") == "sdpa" and _processors(unet) == {AttnProcessor2_0}
+    with pytest.raises(BackendError, match="the model is on cpu: xformers has CUDA kernels only"):
+        set_attention_backend(unet, "xformers")
 
 
 def test_xformers_where_usable_installs_diffusers_xformers_processor(unet, monkeypatch, caplog):
     monkeypatch.setattr(attn_mod, "xformers_backend", lambda: Backend("xformers", True, "0.0.35", "CUDA kernels load"))
+    monkeypatch.setattr(attn_mod, "resolve_attention_backend",
+                        lambda b, d: ("xformers", "auto; xformers 0.0.35: CUDA kernels load"))  # as on a GPU
     with caplog.at_level(logging.INFO, logger="freezeasguard"):
         assert set_attention_backend(unet, "auto") == "xformers"
     assert _processors(unet) == {XFormersAttnProcessor}
     assert "attention: xformers on" in caplog.text and "auto; xformers 0.0.35" in caplog.text
 
 
-def test_explicit_xformers_where_it_cannot_run_is_an_actionable_error(unet):
-    if attn_mod.xformers_backend().available:
-        pytest.skip("xformers runs here")
+def test_explicit_xformers_where_it_cannot_run_is_an_actionable_error(unet, monkeypatch):
     before = _processors(unet)
-    with pytest.raises(BackendError, match="'xformers' requested but unusable") as info:
+    for probe in (Backend("xformers", False, "0.0.35", "installed, but its attention kernels need CUDA"), None):
+        if probe is not None:
+            monkeypatch.setattr(attn_mod, "xformers_backend", lambda: probe)
+        with pytest.raises(BackendError, match="'xformers' requested but") as info:
+            attn_mod.resolve_attention_backend("xformers", "cuda" if probe is not None else "cpu")
+        assert "To fix:" in str(info.value) and "model.attention=sdpa" in str(info.value)
+        assert isinstance(info.value, FreezeAsGuardError)
+    with pytest.raises(BackendError):
         set_attention_backend(unet, "xformers")
-    assert "To fix:" in str(info.value) and "model.attention=sdpa" in str(info.value)
-    assert isinstance(info.value, FreezeAsGuardError) and _processors(unet) == before  # nothing changed
+    assert _processors(unet) == before  # nothing changed
 
 
 @pytest.mark.parametrize("probe,fix", [
@@ -72,8 +88,8 @@ def test_explicit_xformers_where_it_cannot_run_is_an_actionable_error(unet):
 def test_xformers_error_says_how_to_fix(monkeypatch, probe, fix):
     monkeypatch.setattr(attn_mod, "xformers_backend", lambda: probe)
     with pytest.raises(BackendError, match=fix):
-        resolve_attention_backend("xformers")
-    assert resolve_attention_backend("auto") == ("sdpa", f"xformers unusable: {probe.reason}")
+        resolve_attention_backend("xformers", "cuda")
+    assert resolve_attention_backend("auto", "cuda") == ("sdpa", f"xformers unusable: {probe.reason}")
 
 
 def test_bad_backend_names_raise(unet):

@@ -81,3 +81,30 @@ def test_incomplete_checkpoint_folders_are_never_read(tmp_path):
     assert found.step == 1 and found.state["k"] == 1 and torch.equal(found.tensors("t")["x"], torch.ones(2))
     assert ckpt.config_differences({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}, ["a.c"]) == []
     assert ckpt.config_differences({"a": {"b": 1}}, {"a": {"b": 2}}, ["a.c"]) == ["a.b"]
+
+
+def test_a_cosine_schedule_pins_its_length_and_ends_at_its_floor(tmp_path):
+    from freezeasguard.engine.config import TrainConfig
+    from freezeasguard.engine.train.trainer import lr_factor
+
+    tc = TrainConfig(steps=10, warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
+    f = [lr_factor(s, tc) for s in range(14)]
+    assert f[:2] == [0.5, 1.0] and all(a > b for a, b in zip(f[2:10], f[3:11]))
+    assert f[10:] == [pytest.approx(0.1)] * 4  # reached at step `steps` and held if a run goes on
+    ds = tiny_digits()
+    cos = ("train.lr_schedule=cosine", "train.warmup_steps=1")
+    Trainer(tiny_config(tmp_path, "train.steps=2", *cos), dataset=ds).fit()
+    with pytest.raises(TrainingError, match=r"other settings: \['train.steps'\]"):
+        Trainer(tiny_config(tmp_path, "train.steps=4", *cos), dataset=ds).resume()
+
+
+def test_checkpoints_of_another_format_are_refused_by_name(tmp_path):
+    ds = tiny_digits()
+    Trainer(tiny_config(tmp_path, "train.steps=1"), dataset=ds).fit()
+    state_file = tmp_path / "checkpoints" / "step-000001" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["format"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(TrainingError, match="written by another version of freezeasguard"):
+        Trainer(tiny_config(tmp_path, "train.steps=2"), dataset=ds).resume()
+

@@ -66,6 +66,10 @@ def test_every_setting_of_the_config_is_honoured(tmp_path):
     assert leading.timesteps.tolist() == [751, 501, 251, 1]
     with pytest.raises(ModelError, match="prediction_type"):
         NoiseSchedule(prediction_type="flow")
+    # a folder's config is used as it is: what it omits takes diffusers' defaults, not SD's
+    bare = NoiseSchedule({"_class_name": "DDPMScheduler", "num_train_timesteps": 1000})
+    torch.testing.assert_close(bare.alphas_cumprod, DDPMScheduler().alphas_cumprod, rtol=0, atol=0)
+    assert bare.config == {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
     with pytest.raises(ModelError, match="unknown diffusers scheduler 'NoSuchScheduler'"):
         s.sampler("NoSuchScheduler")
 
@@ -99,3 +103,6 @@ def test_generate_with_ddim_is_seeded_and_other_samplers_run(tmp_path):
     assert a.dtype == torch.uint8 and a.shape == (2, 3, 16, 16) and torch.equal(a, b)
     for name in ("checkout", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"):
         assert generate(c, ["a photo of the digit one"], steps=4, seed=3, sampler=name).shape == (1, 3, 16, 16)
+    for steps in (0, 1001):
+        with pytest.raises(ModelError, match=r"sampling steps must be in \[1, 1000\]"):
+            generate(c, ["a photo of the digit one"], steps=steps)

@@ -45,11 +45,13 @@ def test_ddp_two_processes_equal_one(tmp_path, extra):
     single.fit()
     ddp = torch.load(tmp_path / "ddp.pt")
     assert ddp["loss"] == pytest.approx([s.loss for s in single.history], rel=1e-5)
-    # Same samples and noise at every step: the all-reduced gradients equal one process's up to
-    # fp32 summation order (the weights then follow, step by step).
-    for a, b in zip(ddp["grads"], grads):
-        for n in a:
-            torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-6, msg=n)
+    # Same samples and noise: at the first step (same weights) the all-reduced gradients equal one
+    # process's up to fp32 summation order. Later steps are compared by their losses only: AdamW's
+    # first step turns a rounding-level difference of a near-zero gradient into an O(lr) change of
+    # that weight (its update is lr * sign(g)), so later gradients differ by more than rounding.
+    for n in ddp["grads"][0]:
+        torch.testing.assert_close(ddp["grads"][0][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+    assert len(ddp["grads"]) == len(grads) == 3
     assert not (tmp_path / "ddp" / "log.jsonl").read_text() == ""  # rank 0 logged
     # The last step's checkpoint: written by rank 0 between barriers every rank reached.
     assert (tmp_path / "ddp" / "checkpoints" / "step-000003" / "state.json").is_file()
@@ -82,7 +84,15 @@ def test_checkpoints_are_written_between_barriers(tmp_path, monkeypatch):
 
     events = []
     monkeypatch.setattr(distributed.DistInfo, "barrier", lambda self: events.append("barrier"))
+    monkeypatch.setattr(distributed.DistInfo, "all_ok", lambda self, ok, device="cpu": events.append(("agree", ok)) or ok)
     write = checkpoint.write_checkpoint
     monkeypatch.setattr(checkpoint, "write_checkpoint", lambda *a, **k: events.append("write") or write(*a, **k))
-    Trainer(tiny_config(tmp_path, "train.steps=1"), dataset=tiny_digits()).fit()
-    assert events == ["barrier", "write", "barrier"]
+    tr = Trainer(tiny_config(tmp_path, "train.steps=1"), dataset=tiny_digits())
+    tr.fit()
+    assert events == ["barrier", "write", ("agree", True)]
+    # a failed write is agreed on (every process stops), and its error reaches the caller
+    events.clear()
+    monkeypatch.setattr(checkpoint, "write_checkpoint", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        tr.save_checkpoint()
+    assert events == ["barrier", ("agree", False)]

@@ -190,3 +190,36 @@ def test_bf16_job_stores_frozen_in_bf16_yet_proves_the_fp32_base(pub, tmp_path):
     assert result.record["verify"]["ok"] and result.record["verify"]["checked"] == len(pub.mask.frozen)
     delta, _ = load_delta(tmp_path / "out" / DELTA_FILE)
     assert {t.dtype for t in delta.values()} == {torch.float32}  # trainable master weights stay fp32
+
+
+def test_policy_init_pins_the_base_and_refuses_the_wrong_key(tmp_path):
+    import subprocess
+    import sys
+
+    from freezeasguard.engine.service.policy import policy_for
+
+    c = build_components("tiny", seed=0)
+    save_components(c, tmp_path / "base")
+    key = new_ed25519_key()
+    save_key(key, tmp_path / "keys" / "k.key", public_path=tmp_path / "keys" / "k.pem")
+    manifest = sign_manifest(Manifest.build(c.unet, FreezeMask.from_patterns(c.unet, FROZEN),
+                                            provenance={"method": "patterns"}), key)
+    manifest.save(tmp_path / "m.json")
+    cli = [sys.executable, "-m", "freezeasguard.engine.cli", "policy", "init", "--manifest", str(tmp_path / "m.json"),
+           "--base", str(tmp_path / "base"), "--out", str(tmp_path / "pol" / "policy.yaml")]
+    ok = subprocess.run([*cli, "--key-file", str(tmp_path / "keys" / "k.pem")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    policy = Policy.load(tmp_path / "pol" / "policy.yaml")
+    assert policy.base_fingerprint == model_fingerprint(c.unet) and policy.text_encoder_fingerprint
+    assert Path(policy.signature.key_file).resolve() == (tmp_path / "keys" / "k.pem").resolve()  # relative, reloads
+    assert yaml.safe_load((tmp_path / "pol" / "policy.yaml").read_text())["signature"]["key_file"] == "../keys/k.pem"
+    again = subprocess.run([*cli, "--key-file", str(tmp_path / "keys" / "k.pem")], capture_output=True, text=True)
+    assert again.returncode == 2 and "refusing to replace a policy" in again.stderr
+    from freezeasguard.engine.errors import SignatureError
+
+    with pytest.raises(SignatureError, match="private Ed25519 key"):
+        policy_for(manifest, tmp_path / "keys" / "k.key")
+    other = new_ed25519_key()
+    save_key(other, tmp_path / "o.key", public_path=tmp_path / "o.pem")
+    with pytest.raises(SignatureError, match="does not verify"):
+        policy_for(manifest, tmp_path / "o.pem")

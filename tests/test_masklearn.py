@@ -286,3 +286,13 @@ def test_bad_inputs_are_clear_errors(tiny):
         _cfg(None, "mask.lrr=1")
     with pytest.raises(ConfigError, match="user.max_grad_norm"):
         _cfg(None, "user.max_grad_norm=0")
+
+
+def test_a_non_finite_user_gradient_stops_before_any_buffer_changes(tiny):
+    learner = _learner(tiny, _cfg(None))
+    p = next(iter(learner.model.parameters()))
+    p.register_hook(lambda g: torch.full_like(g, float("inf")))
+    before = {k: getattr(learner, k).clone() for k in ("theta", "theta_d", "exp_avg", "exp_avg_sq")}
+    with pytest.raises(MaskLearnError, match="gradient norm is (inf|nan) at step 0; nothing was updated"):
+        learner.train_step()  # step 0 is a simulated-user step (mask.every=3)
+    assert all(torch.equal(getattr(learner, k), v) for k, v in before.items()) and learner.user_steps == 0

@@ -79,6 +79,11 @@ def test_python_api_example_as_written(tmp_path, monkeypatch):
     assert scope["trainer"].verify_frozen().ok and (tmp_path / "runs" / "api" / "final" / "unet").is_dir()
 
 
+def test_no_placeholder_is_left_in_the_readme():
+    left = [ln for ln in README.splitlines() if re.fullmatch(r"[A-Z][A-Z0-9_]{5,}", ln.strip())]
+    assert not left, left
+
+
 def test_every_dotted_name_in_the_readme_resolves():
     names = set(re.findall(r"freezeasguard\.(?:engine|kernels)(?:\.\w+)*", README))
     assert len(names) > 5

@@ -30,7 +30,7 @@ from torch import nn
 from freezeasguard.engine import __version__
 from freezeasguard.engine.errors import ManifestError, MaskError
 from freezeasguard.engine.guard.hashing import NamedTensors, dtype_name, model_fingerprint, named_tensors, tensor_sha256
-from freezeasguard.engine.guard.mask import FreezeMask, ModelLike
+from freezeasguard.engine.guard.mask import FreezeMask, ModelLike, read_json
 from freezeasguard.engine.io import atomic_write_json
 
 SCHEMA = "freezeasguard.manifest/1"
@@ -290,12 +290,7 @@ class Manifest:
 def load_mask(path: str | os.PathLike, model: ModelLike) -> FreezeMask:
     """Read a mask file (``{"frozen": [names...]}``) or a manifest, checked against ``model``."""
     path = Path(path)
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MaskError(f"mask file {str(path)!r} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise MaskError(f"mask file {str(path)!r} is not valid JSON: {exc}") from None
+    obj = read_json(path)
     if isinstance(obj, dict) and "schema" in obj:
         try:
             return Manifest.from_dict(obj, source=f"manifest {str(path)!r}").mask(model)

@@ -340,14 +340,21 @@ class FreezeMask:
     @classmethod
     def from_file(cls, path: str | os.PathLike, model: ModelLike) -> "FreezeMask":
         """Read a plain mask file written by ``save``, checked against ``model``."""
-        path = Path(path)
-        try:
-            obj = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MaskError(f"mask file {str(path)!r} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise MaskError(f"mask file {str(path)!r} is not valid JSON: {exc}") from None
+        obj = read_json(path)
         if isinstance(obj, dict) and "schema" in obj:
             raise MaskError(f"{str(path)!r} is a manifest: read it with "
                             "freezeasguard.engine.guard.manifest.load_mask (or Manifest.load)")
         return cls.from_dict(obj, model, source=f"mask file {str(path)!r}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The parsed JSON of a mask file or manifest, or a ``MaskError`` naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MaskError(f"mask file {str(path)!r} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MaskError(f"mask file {str(path)!r} is not valid JSON: {exc}") from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise MaskError(f"mask file {str(path)!r} cannot be read: {exc}") from None

@@ -39,7 +39,7 @@ from freezeasguard.engine.learn.flat import FlatLayout, apply_mask_ref_
 from freezeasguard.engine.train import checkpoint as ckpt
 from freezeasguard.engine.train.batches import GlobalBatches, step_generator
 from freezeasguard.engine.train.distributed import DistInfo, init_distributed
-from freezeasguard.kernels.adamw import clip_coef
+from freezeasguard.kernels.adamw import clip_coef, global_grad_norm
 from freezeasguard.kernels.mask_update import bilevel_step_
 
 
@@ -274,6 +274,10 @@ class MaskLearner:
         """All-reduce the flat gradient, clip it, and take the simulated user's AdamW step."""
         self._all_reduce(self.grad)
         u = self.cfg.user
+        norm = float(global_grad_norm(self.grad))
+        if not math.isfinite(norm):  # the losses were finite, yet a step would poison every buffer
+            raise MaskLearnError(f"the simulated user's gradient norm is {norm} at step {self.step}; nothing was "
+                                 "updated; lower user.lr or check the data")
         scale = clip_coef(self.grad, u.max_grad_norm) if u.max_grad_norm is not None else None
         self.user_steps += 1
         bilevel_step_(self.theta, self.theta_pre, self.theta_d, self.grad, self.exp_avg,
@@ -374,18 +378,13 @@ class MaskLearner:
         """Logits, both optimizers' states, the flat buffers and the step, as one atomic folder
         (one file per buffer: at most one model-sized buffer is staged in host memory at a time)."""
         root = self.checkpoint_root
-        self.dist.barrier()
-        if self.dist.is_main:
-            tensors = {k: {k: (self.logits if k == "logits" else getattr(self, k)).detach()}
-                       for k in self._STATE_KEYS}
-            state = {"user_steps": self.user_steps, "names": list(self.layout.names),
-                     "numels": list(self.layout.numels), "chunk": self.layout.chunk,
-                     "theta_pre_sha256": self.theta_pre_sha256(), "config": self.cfg.to_dict(),
-                     "history": self.history, "version": __version__}
-            ckpt.write_checkpoint(root, self.step, tensors=tensors, state=state,
-                                  objects={"mask_optimizer": self.mask_optimizer.state_dict()},
-                                  keep=self.cfg.keep_checkpoints)
-        self.dist.barrier()
+        tensors = {k: {k: (self.logits if k == "logits" else getattr(self, k)).detach()} for k in self._STATE_KEYS}
+        state = {"user_steps": self.user_steps, "names": list(self.layout.names), "numels": list(self.layout.numels),
+                 "chunk": self.layout.chunk, "theta_pre_sha256": self.theta_pre_sha256(),
+                 "config": self.cfg.to_dict(), "history": self.history, "version": __version__}
+        ckpt.save_on_main(self.dist, self.device, lambda: ckpt.write_checkpoint(
+            root, self.step, tensors=tensors, state=state, objects={"mask_optimizer": self.mask_optimizer.state_dict()},
+            keep=self.cfg.keep_checkpoints), MaskLearnError(f"the main process could not write checkpoint {self.step}"))
         return ckpt.checkpoint_dir(root, self.step)
 
     def latest_checkpoint(self) -> Path | None:
@@ -414,6 +413,6 @@ class MaskLearner:
         self.step, self.user_steps = found.step, int(state["user_steps"])
         self.history = list(state["history"])
         self.keep = (1.0 - self.soft_mask())[self.row_tensor].contiguous()
-        if self.dist.is_main:
+        if self.dist.is_main and self.cfg.work_dir:
             ckpt.trim_log(Path(self.cfg.work_dir) / "log.jsonl", self.step)
         return self.step

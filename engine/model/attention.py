@@ -1,7 +1,7 @@
 """Attention backends for diffusers' UNet and VAE: diffusers' own processors, chosen in one place.
 
 ``set_attention_backend`` installs diffusers' ``XFormersAttnProcessor`` where xformers can run
-(CUDA, a wheel whose kernels load beside this torch) and ``AttnProcessor2_0`` (torch
+(a model on CUDA, a wheel whose kernels load beside this torch) and ``AttnProcessor2_0`` (torch
 ``scaled_dot_product_attention``) elsewhere, through the model's ``set_attn_processor``, and logs
 one line saying which runs and why. Both are O(S)-memory fused kernels of about equal speed on
 CUDA; on CPU only SDPA exists. ``model.attention=xformers`` where it cannot run is an error that
@@ -37,11 +37,12 @@ def _fix_for(xb: Backend) -> str:
     return f"install an xformers wheel built for torch {torch.__version__} (CUDA {torch.version.cuda})"
 
 
-def resolve_attention_backend(backend: str = "auto") -> tuple[str, str]:
-    """Choose the attention backend for this machine.
+def resolve_attention_backend(backend: str = "auto", device: torch.device | str = "cuda") -> tuple[str, str]:
+    """Choose the attention backend for a model on ``device``.
 
     Args:
-        backend: 'auto' (xformers when usable, else SDPA), 'xformers' or 'sdpa'.
+        backend: 'auto' (xformers when it can run there, else SDPA), 'xformers' or 'sdpa'.
+        device: where the model runs; xformers has CUDA kernels only.
     Returns:
         ``(chosen, why)``, chosen being 'xformers' or 'sdpa'.
     Raises:
@@ -51,6 +52,12 @@ def resolve_attention_backend(backend: str = "auto") -> tuple[str, str]:
         raise ValueError(f"attention backend must be 'auto', 'xformers' or 'sdpa', got {backend!r}")
     if backend == "sdpa":
         return "sdpa", "requested"
+    device = torch.device(device)
+    if device.type != "cuda":
+        if backend == "xformers":
+            raise BackendError(f"attention backend 'xformers' requested but the model is on {device}: xformers has "
+                               "CUDA kernels only. To fix: run on a CUDA device, or set model.attention=sdpa (or auto)")
+        return "sdpa", f"the model is on {device}; xformers needs CUDA"
     xb = xformers_backend()
     if xb.available:
         why = "requested" if backend == "xformers" else "auto"
@@ -73,7 +80,8 @@ def set_attention_backend(model: torch.nn.Module, backend: str = "auto") -> str:
         BackendError: 'xformers' requested but unusable.
         ValueError: an unknown backend, or a model without ``Attention`` modules.
     """
-    chosen, why = resolve_attention_backend(backend)
+    param = next(model.parameters(), None)
+    chosen, why = resolve_attention_backend(backend, param.device if param is not None else "cpu")
     modules = {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
     if not modules:
         raise ValueError(f"{type(model).__name__} has no diffusers Attention module to set a backend on")

@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from freezeasguard.engine.errors import ModelError
 from freezeasguard.engine.io import atomic_dir, save_safetensors_atomic
-from freezeasguard.engine.model.diffusion import NoiseSchedule
+from freezeasguard.engine.model.diffusion import SD_SCHEDULER, NoiseSchedule
 from freezeasguard.engine.model.presets import build_text_encoder, build_unet, build_vae, get_preset, vae_scale_factor
 from freezeasguard.engine.model.tokenizer import build_tokenizer
 
@@ -79,7 +79,7 @@ def build_components(preset: str, *, space: str | None = None, resolution: int |
     unet = build_unet(p, space=space, resolution=resolution)
     text_encoder = build_text_encoder(p, tok)
     vae = build_vae(p) if space == "latent" else None
-    schedule = NoiseSchedule(p.scheduler, prediction_type=prediction_type or p.prediction_type)
+    schedule = NoiseSchedule({**SD_SCHEDULER, **p.scheduler}, prediction_type=prediction_type or p.prediction_type)
     return Components(unet, text_encoder, tok, vae, schedule, resolution, source=preset)
 
 

@@ -40,14 +40,16 @@ class NoiseSchedule:
     """The forward process of one model: noising, training targets, timesteps, and its samplers.
 
     Args:
-        config: a diffusers scheduler config (any scheduler class); missing keys take SD v1's values.
+        config: a diffusers scheduler config (any scheduler class), used as it is: a key it omits
+            takes diffusers' own default, exactly as when diffusers loads the folder. None: Stable
+            Diffusion v1's process (``SD_SCHEDULER``), for models built from a preset.
         **overrides: settings that replace the config's (e.g. ``prediction_type='v_prediction'``).
     """
 
     def __init__(self, config: Mapping[str, Any] | None = None, **overrides: Any):
-        cfg = {**SD_SCHEDULER, **{k: v for k, v in (config or {}).items() if not k.startswith("_")
-                                  or k == "_class_name"}, **overrides}
-        if cfg["prediction_type"] not in PREDICTION_TYPES:
+        base = SD_SCHEDULER if config is None else config
+        cfg = {**{k: v for k, v in base.items() if not k.startswith("_") or k == "_class_name"}, **overrides}
+        if cfg.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
             raise ModelError(f"scheduler prediction_type must be one of {PREDICTION_TYPES}, "
                              f"got {cfg['prediction_type']!r}")
         try:
@@ -58,7 +60,7 @@ class NoiseSchedule:
 
     @property
     def prediction_type(self) -> str:
-        return self.config["prediction_type"]
+        return self.ddpm.config.prediction_type
 
     @property
     def num_train_timesteps(self) -> int:
@@ -102,7 +104,7 @@ class NoiseSchedule:
                 config names), or the name of any diffusers scheduler class.
         """
         if name == "ddim":
-            return DDIMScheduler.from_config(self.config)
+            return DDIMScheduler.from_config(self.config)  # ignores the keys other schedulers use
         cls_name = self.config.get("_class_name", "DDIMScheduler") if name == "checkout" else name
         cls = getattr(diffusers, str(cls_name), None)
         if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from freezeasguard.engine.errors import ModelError
 from freezeasguard.engine.io import atomic_write_bytes
 from freezeasguard.engine.model.components import Components
 from freezeasguard.engine.model.encode import encode_text
@@ -32,6 +33,10 @@ def generate(c: Components, prompts: list[str], *, steps: int = 30, guidance: fl
     Returns:
         uint8 images [len(prompts), 3, H, W] on the CPU.
     """
+    if not 1 <= steps <= c.schedule.num_train_timesteps:
+        raise ModelError(f"sampling steps must be in [1, {c.schedule.num_train_timesteps}], got {steps}")
+    if not prompts:
+        raise ModelError("no prompt to sample")
     device = torch.device(device) if device is not None else next(c.unet.parameters()).device
     c.unet.eval()
     out = []

@@ -24,6 +24,8 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
+from freezeasguard.engine.errors import ModelError
+
 log = logging.getLogger("freezeasguard")
 
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -69,12 +71,14 @@ def _byte_symbols() -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _clip_vocab(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    with gzip.open(path) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1:1 + _CLIP_MERGES]]  # line 0 is a version header
     symbols = _byte_symbols()
     tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), *SPECIALS]
     if len(tokens) != CLIP_VOCAB_SIZE or len(set(tokens)) != CLIP_VOCAB_SIZE:
-        raise RuntimeError(f"{path} does not hold CLIP's merges (vocabulary of {len(set(tokens))} entries)")
+        raise ModelError(f"{path} does not hold CLIP's merges (vocabulary of {len(set(tokens))} entries, expected "
+                         f"{CLIP_VOCAB_SIZE}); reinstall open-clip-torch")
     return {t: i for i, t in enumerate(tokens)}, merges
 
 

@@ -28,12 +28,12 @@ import yaml
 from torch import nn
 
 from freezeasguard.engine.config import TrainConfig, from_dict, load_file
-from freezeasguard.engine.errors import ConfigError
+from freezeasguard.engine.errors import ConfigError, SignatureError
 from freezeasguard.engine.guard.hashing import model_fingerprint
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
 from freezeasguard.engine.io import atomic_write_text
-from freezeasguard.engine.service.signing import ALGORITHMS, ED25519, Key, load_key, signature_problem
+from freezeasguard.engine.service.signing import ALGORITHMS, ED25519, Ed25519Key, Key, load_key, signature_problem
 from freezeasguard.engine.service.spec import METHODS, JobSpec
 
 # Train settings the service owns: where and how it runs, not how the model learns.
@@ -134,8 +134,11 @@ class Policy:
         path = Path(path)
         data = self.to_dict()
         kf = data["signature"]["key_file"]
-        if kf:
-            data["signature"]["key_file"] = os.path.relpath(Path(kf).absolute(), path.absolute().parent)
+        if kf:  # resolved on both sides, as load() joins it to the policy's real folder
+            try:
+                data["signature"]["key_file"] = os.path.relpath(Path(kf).resolve(), path.resolve().parent)
+            except ValueError:  # another drive: keep it absolute
+                data["signature"]["key_file"] = str(Path(kf).resolve())
         return atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
@@ -144,6 +147,12 @@ def policy_for(manifest: Manifest, key_file: str | os.PathLike, text_encoder: nn
     """A policy pinning the base ``manifest`` was made for (and, if given, its text encoder), with
     the service's default caps unless ``caps`` sets them, verifying signatures with ``key_file``."""
     key = load_key(key_file)
+    if isinstance(key, Ed25519Key) and key.private is not None:
+        raise SignatureError(f"{key_file} holds a private Ed25519 key: the service verifies with the public half "
+                             "only (keygen --public writes it)")
+    bad = manifest_signature_problems(manifest, key)
+    if bad:
+        raise SignatureError(f"the manifest does not verify with {key_file}: {bad[0]}")
     policy = from_dict(Policy, {"base_fingerprint": manifest.base_fingerprint, **caps,
                                 "signature": {"algorithm": key.alg, "key_file": str(key_file)}})
     if text_encoder is not None:

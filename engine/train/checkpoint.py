@@ -17,12 +17,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from freezeasguard.engine.io import atomic_dir, atomic_write_text
+from freezeasguard.engine.train.distributed import DistInfo
 
 STATE_FILE = "state.json"
 
@@ -41,6 +42,22 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def save_on_main(dist: DistInfo, device: torch.device | str, write: Callable[[], Any], failure: Exception) -> None:
+    """Run ``write`` on the main process after a barrier, then have every process agree that it
+    worked: none runs ahead while it writes or reads a checkpoint before it is complete, and a
+    failed write stops every process (the main one with the write's own error, the others with
+    ``failure``) instead of leaving them waiting on a collective."""
+    dist.barrier()
+    error = None
+    if dist.is_main:
+        try:
+            write()
+        except Exception as exc:  # re-raised below, after every process has heard of it
+            error = exc
+    if not dist.all_ok(error is None, device):
+        raise error if error is not None else failure
 
 
 def write_checkpoint(root: str | os.PathLike, step: int, *, tensors: Mapping[str, Mapping[str, torch.Tensor]],

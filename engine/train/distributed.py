@@ -3,8 +3,9 @@
 Order matters on GPUs: every process pins its own device (``torch.cuda.set_device(local_rank)``)
 *before* the NCCL process group is created and before any collective, or NCCL's communicators (and
 the first collective's buffers) land on GPU 0 for every rank. Checkpoints are written by the main
-process between two barriers, so no rank runs ahead while it writes, and none reads a checkpoint
-that is not complete.
+process between a barrier and an agreement (``all_ok``): no rank runs ahead while it writes, none
+reads a checkpoint that is not complete, and when the write fails every rank stops with an error
+instead of waiting on a collective the main process never reaches.
 """
 from __future__ import annotations
 
@@ -29,6 +30,15 @@ class DistInfo:
         """Wait for every process (no-op in a single process)."""
         if self.world > 1:
             dist.barrier()
+
+    def all_ok(self, ok: bool, device: torch.device | str = "cpu") -> bool:
+        """Whether every process reports ``ok`` (a collective: every process must call it, so it also
+        synchronises them, like a barrier)."""
+        if self.world <= 1:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=device)
+        dist.all_reduce(flag)
+        return float(flag) == 0.0
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over processes, in place (no-op in a single process)."""

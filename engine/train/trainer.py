@@ -23,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from freezeasguard.engine import __version__
-from freezeasguard.engine.config import FinetuneConfig, TrainConfig
-from freezeasguard.engine.errors import TrainingError
+from freezeasguard.engine.config import FinetuneConfig, TrainConfig, from_dict
+from freezeasguard.engine.errors import ConfigError, TrainingError
 from freezeasguard.engine.io import atomic_write_json
 from freezeasguard.engine.model.attention import set_attention_backend
 from freezeasguard.engine.model.components import Components, build_components, load_components, save_components
@@ -43,18 +43,20 @@ from freezeasguard.engine.train.wiring import apply_freeze
 log = logging.getLogger("freezeasguard")
 
 # Settings a resumed run may change: how long it runs and how it reports, not what it learns.
+CHECKPOINT_FORMAT = "freezeasguard.checkpoint/2"
 RESUME_FREE_KEYS = ("out_dir", "train.steps", "train.progress", "train.log_every", "train.checkpoint_every",
                     "train.keep_checkpoints", "train.device", "train.num_threads")
 
 
 def lr_factor(step: int, tc: TrainConfig) -> float:
     """The learning rate of ``step`` (from 0) as a fraction of ``tc.lr``: linear warm-up over
-    ``warmup_steps``, then constant, or a cosine from 1 down to ``min_lr_ratio`` at the last step."""
+    ``warmup_steps``, then constant, or a half cosine from 1 that reaches ``min_lr_ratio`` at step
+    ``train.steps`` (one step past the last) and stays there if a run goes on."""
     warm = tc.warmup_steps
     if warm and step < warm:
         return (step + 1) / warm
     if tc.lr_schedule == "cosine":
-        done = (step - warm) / max(1, tc.steps - warm)
+        done = min(1.0, (step - warm) / max(1, tc.steps - warm))
         return tc.min_lr_ratio + (1.0 - tc.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
     return 1.0
 
@@ -201,22 +203,23 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Trainable UNet tensors + optimizer and schedule state + step, as one atomic folder.
 
-        The main process writes it between two barriers: no process runs ahead while it is
-        written, and none can read it before it is complete."""
+        The main process writes it after a barrier, then every process agrees that it was written
+        (``DistInfo.all_ok``): none runs ahead while it is written or reads it before it is complete,
+        and a failed write stops every process with an error."""
         path = self.checkpoint_dir(self.step)
-        self.dist.barrier()
-        if self.dist.is_main:
-            ckpt.write_checkpoint(
-                self.checkpoint_root, self.step, tensors={"trainable": dict(self.named_trainable)},
-                objects={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                state={"trainable": [n for n, _ in self.named_trainable], "config": self.cfg.to_dict(),
-                       "version": __version__},
-                keep=self.cfg.train.keep_checkpoints)
-        self.dist.barrier()
+        ckpt.save_on_main(self.dist, self.device, lambda: ckpt.write_checkpoint(
+            self.checkpoint_root, self.step, tensors={"trainable": dict(self.named_trainable)},
+            objects={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            state={"format": CHECKPOINT_FORMAT, "trainable": [n for n, _ in self.named_trainable],
+                   "config": self.cfg.to_dict(), "tokenizer": self._tokenizer_id(), "version": __version__},
+            keep=self.cfg.train.keep_checkpoints), TrainingError(f"the main process could not write {path}"))
         return path
 
     def latest_checkpoint(self) -> Path | None:
         return ckpt.latest_checkpoint(self.checkpoint_root)
+
+    def _tokenizer_id(self) -> str:
+        return f"{type(self.c.tokenizer).__name__}/{len(self.c.tokenizer)}"
 
     def resume(self, path: str | Path | None = None) -> int:
         """Load a checkpoint (default: the latest under out_dir); returns its step.
@@ -230,13 +233,25 @@ class Trainer:
             where = path if path is not None else self.checkpoint_root
             raise TrainingError(f"no checkpoint to resume from under {where} (a run writes one at its "
                                 "last step and every train.checkpoint_every steps)")
+        if found.state.get("format") != CHECKPOINT_FORMAT:
+            raise TrainingError(f"checkpoint {found.path} was written by another version of freezeasguard (format "
+                                f"{found.state.get('format')!r}, this one reads {CHECKPOINT_FORMAT!r}); start a new run")
         names = [n for n, _ in self.named_trainable]
         if found.state.get("trainable") != names:
             raise TrainingError(f"checkpoint {found.path} was written for a different set of trainable tensors")
-        diff = ckpt.config_differences(self.cfg.to_dict(), found.state.get("config", {}), RESUME_FREE_KEYS)
+        try:  # keys the checkpoint's version did not have take their defaults
+            theirs = from_dict(FinetuneConfig, found.state.get("config", {})).to_dict()
+        except ConfigError as exc:
+            raise TrainingError(f"checkpoint {found.path}: its config does not parse here ({exc})") from None
+        free = RESUME_FREE_KEYS if self.cfg.train.lr_schedule == "constant" else \
+            tuple(k for k in RESUME_FREE_KEYS if k != "train.steps")  # a cosine's length is part of its shape
+        diff = ckpt.config_differences(self.cfg.to_dict(), theirs, free)
         if diff:
             raise TrainingError(f"checkpoint {found.path} was written with other settings: {diff} "
-                                f"(only {list(RESUME_FREE_KEYS)} may change on resume)")
+                                f"(only {list(free)} may change on resume)")
+        if found.state.get("tokenizer") != self._tokenizer_id():
+            raise TrainingError(f"checkpoint {found.path} was written with the tokenizer {found.state.get('tokenizer')}, "
+                                f"this run has {self._tokenizer_id()} (model.tokenizer=auto found another one)")
         tensors = found.tensors("trainable")
         with torch.no_grad():
             for n, p in self.named_trainable:
