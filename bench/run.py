@@ -4,6 +4,7 @@
     python bench/run.py freeze       # full vs naive vs engine at frozen fractions 0/0.3/0.5/0.7
     python bench/run.py optimizer    # one AdamW step by implementation
     python bench/run.py masklearn    # a mask-learning step vs a plain fine-tuning step
+    python bench/run.py lock         # the cost of enforcing direction locks in the optimizer step
     python bench/run.py guard        # efficacy: does the learned mask hold back illegal fine-tuning?
     python bench/run.py --help
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -29,6 +31,7 @@ import torch
 from freezeasguard.engine.config import resolve
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.guard.subspace import random_lock
 from freezeasguard.engine.model.components import build_components
 from freezeasguard.engine.model.data import digits_dataset
 from freezeasguard.engine.model.tokenizer import caption_words
@@ -48,6 +51,8 @@ class Scenario:
     mode: str  # full | naive | engine
     frozen: float  # fraction of parameters frozen (seeded random mask), or -1 for 'all convs'
     frozen_conv: bool = True
+    lock: float = 0.0  # share of each trainable matrix's side under a (seeded random) direction lock
+    lock_side: str = "out"
 
 
 def _conv_mask(unet) -> FreezeMask:
@@ -68,8 +73,11 @@ def build_trainer(sc: Scenario, args, dataset, workdir: Path) -> Trainer:
             mask = _conv_mask(comps.unet)
         else:
             mask = FreezeMask.random(comps.unet, sc.frozen, by="params", seed=args.seed)
+        lock = random_lock(comps.unet, sc.lock, side=sc.lock_side, seed=args.seed, skip=mask.frozen_set) \
+            if sc.lock else None
         path = workdir / f"{sc.name}.manifest.json"
-        Manifest.build(comps.unet, mask, provenance={"method": "bench", "seed": args.seed}).save(path)
+        Manifest.build(comps.unet, mask, provenance={"method": "bench", "seed": args.seed}, lock=lock,
+                       lock_file=re.sub(r"[^A-Za-z0-9._-]", "_", sc.name) + ".locks.safetensors").save(path, lock=lock)
         over.append(f"freeze.manifest={path}")
     cfg = resolve(overrides=over)
     return Trainer(cfg, components=comps, dataset=dataset)
@@ -120,6 +128,9 @@ def run_suite(scenarios: list[Scenario], args) -> list[dict[str, Any]]:
                 "grads_mib": led.grad_bytes / MiB,
                 "optimizer_mib": led.optimizer_state_bytes / MiB,
                 "static_mib": led.static_bytes / MiB,
+                "lock_bases_mib": led.lock_bytes / MiB,
+                "locked_dof": tr.guard.lock.dof if tr.guard is not None and tr.guard.lock is not None else 0,
+                "lock_transient_mib": getattr(tr.optimizer, "lock_transient_bytes", 0) / MiB,
                 "activations_mib": (led.activation_bytes or 0) / MiB,
                 "step_ms_p20": p["p20"] * 1e3, "step_ms_p50": p["p50"] * 1e3, "step_ms_p80": p["p80"] * 1e3,
                 "samples_per_s": args.batch / p["p50"],
@@ -252,6 +263,11 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
                 r[f"{short}_vs_full"] = r[key] / full[key]
             if naive and naive[key]:
                 r[f"{short}_vs_naive"] = r[key] / naive[key]
+        if "+lock" in r["scenario"]:  # the same engine row without the lock
+            plain = next((x for x in rows if x["scenario"] == "engine@" + r["scenario"].split("@")[1]), None)
+            for key, short in (("static_mib", "static"), ("step_ms_p50", "time")):
+                if plain and plain[key]:
+                    r[f"{short}_vs_unlocked"] = r[key] / plain[key]
 
 
 def suite_scenarios(name: str, fractions: list[float]) -> list[Scenario]:
@@ -261,6 +277,12 @@ def suite_scenarios(name: str, fractions: list[float]) -> list[Scenario]:
             continue
         tag = f"@{int(round(f * 100))}%"
         out += [Scenario("naive" + tag, "naive", f), Scenario("engine" + tag, "engine", f)]
+    if name == "lock":
+        out = [Scenario("full", "full", 0.0), Scenario("engine@0%", "engine", 0.0),
+               Scenario("engine+lock30%out@0%", "engine", 0.0, lock=0.3),
+               Scenario("engine+lock30%in@0%", "engine", 0.0, lock=0.3, lock_side="in"),
+               Scenario("engine+lock50%out@0%", "engine", 0.0, lock=0.5),
+               Scenario("engine@30%", "engine", 0.3), Scenario("engine+lock30%out@30%", "engine", 0.3, lock=0.3)]
     if name == "freeze":
         out += [Scenario("naive@convs", "naive", -1), Scenario("engine@convs", "engine", -1),
                 Scenario("engine-noconvfn@convs", "engine", -1, frozen_conv=False)]
@@ -274,6 +296,11 @@ COLUMNS = [("scenario", "scenario"), ("frozen_params", "frozen params"), ("froze
            ("step_ms_p50", "step ms (p50)"), ("time_vs_full", "time/full"), ("time_vs_naive", "time/naive")]
 
 
+LOCK_COLUMNS = [("scenario", "scenario"), ("frozen_params", "frozen params"), ("locked_dof", "locked dof"),
+                ("lock_bases_mib", "lock bases MiB"), ("lock_transient_mib", "lock chunk copy MiB"),
+                ("static_mib", "static MiB"), ("static_vs_unlocked", "static/unlocked"),
+                ("step_ms_p50", "step ms (p50)"), ("time_vs_full", "time/full"), ("time_vs_unlocked", "time/unlocked")]
+
 COLUMNS_LEGEND = (
     "Columns. From the exact memory ledger (`engine/train/ledger.py`, device-independent and deterministic), at "
     "the step's peak (after backward and the optimizer step, before gradients are zeroed): *weights*, *grads* "
@@ -284,6 +311,15 @@ COLUMNS_LEGEND = (
     "fine-tuning row and to naive freezing at the same frozen fraction.")
 
 
+LOCK_LEGEND = (
+    "Direction locks (seeded random orthonormal bases over each trainable matrix's output (`out`) or input (`in`) "
+    "side) enforced inside the flat AdamW step: each locked chunk is copied, stepped, and its update projected off "
+    "the locked directions (one batched GEMM pair per shape group). *locked dof* = degrees of freedom removed; "
+    "*lock bases* = the stacked bases held on the device (counted in *static*); *lock chunk copy* = the transient "
+    "pre-step copy of the largest chunk. */unlocked* = ratio to the same engine row without the lock; step times "
+    "interleaved as in the other suites (read the ratios).")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "guard":  # the efficacy benchmark has its own options
@@ -291,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return guard_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", nargs="?", default="default", choices=["default", "freeze", "optimizer", "masklearn"],
+    p.add_argument("suite", nargs="?", default="default", choices=["default", "freeze", "optimizer", "masklearn", "lock"],
                    help="default: the ~1 min main job (full/naive/engine at 50%% frozen); "
                         "freeze: fractions 0/0.3/0.5/0.7 plus all-convs-frozen; "
                         "optimizer: one AdamW step by implementation at trainable 0.3/0.5/1.0; "
@@ -330,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                       mask="seeded random, exact budget by parameters",
                       timed_steps=args.steps, warmup_steps=args.warmup, data=f"digits classes 0-{args.classes - 1}",
                       wall_s=round(time.time() - t0, 1))
-    md = (f"# bench/run.py {args.suite}\n\n" + markdown_table(rows, COLUMNS) + "\n\n" + COLUMNS_LEGEND + "\n\n"
+    cols, legend = (LOCK_COLUMNS, LOCK_LEGEND) if args.suite == "lock" else (COLUMNS, COLUMNS_LEGEND)
+    md = (f"# bench/run.py {args.suite}\n\n" + markdown_table(rows, cols) + "\n\n" + legend + "\n\n"
           + conditions_markdown(cond))
     nv = rows[0].get("nvml") or {}
     md += "\n- nvml: " + ("per-scenario energy/memory in the JSON rows" if nv.get("available")

@@ -44,8 +44,9 @@ def test_two_processes_learn_the_mask_one_process_learns(tiny, tmp_path):
     ddp = torch.load(tmp_path / "ddp.pt")
     assert ddp["frozen"] == sorted(one.export_mask().frozen_set)
     # Same samples and noise; the all-reduced gradients differ from one process's only by fp32
-    # summation order.
-    torch.testing.assert_close(ddp["logits"], one.logits.detach(), rtol=1e-4, atol=1e-6)
+    # summation order (~1e-7 relative), which six steps of AdamW (per-element normalised, so small
+    # second moments amplify it) and SGD on the logits carry to a few 1e-6 of the logits (7e-6 seen).
+    torch.testing.assert_close(ddp["logits"], one.logits.detach(), rtol=1e-3, atol=2e-5)
     for a, b in zip(ddp["history"], one.history):
         assert a["L_illegal"] == pytest.approx(b["L_illegal"], rel=1e-4)
     spread = one.logits.detach() - one.logits.detach().median()

@@ -9,7 +9,10 @@ from freezeasguard.engine.errors import MaskLearnError
 from freezeasguard.engine.io import atomic_write_json
 from freezeasguard.engine.learn.config import MaskLearnConfig
 from freezeasguard.engine.learn.diagnostics import convergence, loss_summary
+from freezeasguard.engine.learn.lock_config import LockLearnConfig
+from freezeasguard.engine.learn.lock_report import format_lock_report
 from freezeasguard.engine.learn.pipeline import baseline_path, learn_mask
+from freezeasguard.engine.learn.subspace import REPORT, learn_lock
 
 
 def _domains(text: str) -> tuple[list[str], list[float]]:
@@ -65,4 +68,23 @@ def cmd_learn_mask(args: argparse.Namespace) -> int:
         print(f"manifest written to {args.out} (log and checkpoints in {cfg.work_dir})")
         for name, m in res.baselines.items():
             print(f"baseline {name}: {m.mask().summary()} -> {baseline_path(args.out, name)}")
+    return 0
+
+
+def cmd_learn_lock(args: argparse.Namespace) -> int:
+    cfg = resolve(LockLearnConfig, file=args.config, overrides=args.overrides, presets={})
+    flags: dict = {"base": args.base, "data": args.data, "illegal": _domains(args.illegal)[0],
+                   "innocent": _domains(args.innocent)[0] if args.innocent else list(cfg.innocent)}
+    for key in ("budget", "side", "rounds", "select", "steps", "mask", "seed"):
+        if getattr(args, key) is not None:
+            flags[key] = getattr(args, key)
+    user = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
+    if user:
+        flags["user"] = user
+    cfg = from_dict(LockLearnConfig, flags, base=cfg).validate()
+    res = learn_lock(cfg, args.out, resume=args.resume)
+    out = Path(args.out)
+    print(format_lock_report(res.report))
+    print(f"manifest written to {out / 'manifest.json'} with its locks file; report in {out / REPORT} and "
+          f"{out / 'report.png'}; sign it with `freezeasguard sign --manifest {out / 'manifest.json'} --key KEY`")
     return 0

@@ -84,6 +84,28 @@ def _guard_commands(sub) -> None:
                    help="override a setting, e.g. --set mask.lr=0.1 (repeatable)")
     _command(s, "learn:cmd_learn_mask")
 
+    s = sub.add_parser("learn-lock", help="learn direction locks (the subspaces illegal fine-tuning uses) "
+                                          "and write them as a manifest")
+    s.add_argument("--base", required=True, help="base model folder (Stable Diffusion layout)")
+    s.add_argument("--data", required=True, help="'digits' or an image folder with a domain per image")
+    s.add_argument("--illegal", required=True, metavar="D[,D..]", help="illegal domain(s)")
+    s.add_argument("--innocent", metavar="D[,D..]", help="innocent domain(s) (needed by --select contrast)")
+    s.add_argument("--out", required=True, help="folder for the manifest, its locks file and the report")
+    s.add_argument("--budget", type=float, help="share of each matrix's side to lock (default 0.3)")
+    s.add_argument("--side", choices=("out", "in", "both"), help="output directions, input ones, or both")
+    s.add_argument("--rounds", type=int, help="adversarial rounds (1 = one-shot; default 3)")
+    s.add_argument("--select", choices=("energy", "contrast"), help="how directions are chosen")
+    s.add_argument("--steps", type=int, help="steps of each round's fine-tune (the service's cap)")
+    s.add_argument("--lr", type=float, help="learning rate of each round's fine-tune (the service's cap)")
+    s.add_argument("--batch-size", type=int, help="batch of each round's fine-tune (the service's cap)")
+    s.add_argument("--mask", help="a freeze manifest whose tensor mask the lock is combined with")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--resume", action="store_true", help="continue after the last finished round in --out")
+    s.add_argument("--config", help="YAML or JSON file of lock-learning settings")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set contrast_ridge=0.3 (repeatable)")
+    _command(s, "learn:cmd_learn_lock")
+
     s = sub.add_parser("mask-report", help="where a mask's frozen tensors sit; overlap of two masks")
     s.add_argument("manifest", help="freeze manifest (JSON)")
     s.add_argument("other", nargs="?", help="a second manifest to compare against (Jaccard overlap)")
@@ -102,9 +124,13 @@ def _guard_commands(sub) -> None:
     s.add_argument("--out", help="signed manifest (default: in place, atomically)")
     _command(s, "proof:cmd_sign")
 
-    s = sub.add_parser("verify", help="prove every frozen tensor of a model is bit-identical to the manifest")
+    s = sub.add_parser("verify", help="prove every frozen tensor of a model is bit-identical to the manifest "
+                                      "(and every locked direction unmoved)")
     s.add_argument("--manifest", required=True)
     s.add_argument("--model", required=True, help="model folder, unet/ folder or .safetensors file")
+    s.add_argument("--base", help="the base model folder (needed when the manifest locks directions)")
+    s.add_argument("--steps", type=int, default=10_000,
+                   help="fine-tuning steps the fp32 tolerance of a lock allows for (default 10000)")
     _command(s, "proof:cmd_verify")
 
 

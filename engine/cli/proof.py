@@ -7,8 +7,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from freezeasguard.engine.errors import JobLogError
+from freezeasguard.engine.errors import JobLogError, ManifestError
 from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.guard.subspace import lock_residuals
 from freezeasguard.engine.guard.verify import verify_frozen
 from freezeasguard.engine.service import signing
 from freezeasguard.engine.service.audit import audit_jobs
@@ -28,9 +29,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    signed = sign_manifest(Manifest.load(args.manifest), load_key(args.key))
+    manifest = Manifest.load(args.manifest)
+    lock = manifest.load_lock(args.manifest)  # checked against the manifest before it is signed
+    signed = sign_manifest(manifest, load_key(args.key))
     out = args.out or args.manifest
-    signed.save(out)
+    signed.save(out, lock=lock)
     print(f"signed manifest {signed.digest()[:16]}... with {signed.signature['alg']} key "
           f"{signed.signature['key_id']}: {out}")
     return 0
@@ -53,9 +56,19 @@ def load_unet_state(path: str | Path) -> dict:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     manifest = Manifest.load(args.manifest)
+    lock = manifest.load_lock(args.manifest)
+    if lock is not None and not args.base:
+        raise ManifestError(f"{args.manifest} locks directions of {len(lock)} tensors: pass --base (the base "
+                            "model folder) so their movement can be measured")
     state = load_unet_state(args.model)
     other = manifest.fit_summary(state)
     report = verify_frozen(manifest, state)
+    if lock is not None and other is None:
+        base = load_unet_state(args.base)
+        manifest.check_model(base)  # the lock is measured from the manifest's own base only
+        deltas = {n: state[n].float() - base[n].float() for n in lock.locks}
+        norms = {n: float(base[n].double().norm()) for n in lock.locks}
+        report.add_lock_residuals(lock_residuals(lock, deltas, norms, args.steps))
     if other is not None:  # the headline first; the details would otherwise bury it
         print(f"manifest is for another model: {other}")
         problems = manifest.model_problems(state, dtypes=False, fingerprint=False)

@@ -9,8 +9,12 @@ fingerprint of the whole base model. With it a fine-tuning service can
 * prove afterwards that every frozen tensor of the fine-tuned model is bit-identical to the base
   (``verify_frozen``).
 
+A manifest may also carry direction locks (``locks``, schema 2): per locked tensor its sides,
+ranks, locked degrees of freedom and the SHA-256 of each basis; the bases themselves live in a
+safetensors file beside the manifest (``guard.subspace``), read and hash-checked by ``load_lock``.
+
 ``signature`` is left out of ``digest()`` so that a policy layer can sign the digest and store the
-signature in the same file.
+signature in the same file (so it covers the locks too).
 """
 from __future__ import annotations
 
@@ -31,11 +35,14 @@ from freezeasguard.engine import __version__
 from freezeasguard.engine.errors import ManifestError, MaskError
 from freezeasguard.engine.guard.hashing import NamedTensors, dtype_name, model_fingerprint, named_tensors, tensor_sha256
 from freezeasguard.engine.guard.mask import FreezeMask, ModelLike, read_json
+from freezeasguard.engine.guard.subspace import SIDES, SubspaceLock
 from freezeasguard.engine.io import atomic_write_json
 
-SCHEMA = "freezeasguard.manifest/1"
+SCHEMA = "freezeasguard.manifest/2"
+READS = ("freezeasguard.manifest/1", SCHEMA)  # 1: tensor masks only; 2 adds direction locks
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_TOP_KEYS = ("schema", "base_fingerprint", "counts", "provenance", "signature", "tensors")
+_LOCKS_FILE = re.compile(r"^[A-Za-z0-9._-]+\.safetensors$")
+_TOP_KEYS = ("schema", "base_fingerprint", "counts", "provenance", "signature", "tensors", "locks")
 _REQUIRED_KEYS = ("schema", "base_fingerprint", "counts", "provenance", "tensors")
 
 
@@ -92,6 +99,50 @@ def _entry_problems(name: str, e: Any) -> list[str]:
     return out
 
 
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def lock_section_problems(locks: Any, tensors: Mapping[str, Any]) -> list[str]:
+    """Every way a manifest's ``locks`` section is malformed or does not fit its ``tensors``."""
+    if not isinstance(locks, dict) or set(locks) != {"file", "tensors", "counts"}:
+        return ["locks must be an object with exactly 'file', 'tensors' and 'counts'"]
+    out = []
+    if not (isinstance(locks["file"], str) and _LOCKS_FILE.match(locks["file"])):
+        out.append(f"locks file must be a bare '*.safetensors' name beside the manifest, got {locks['file']!r}")
+    entries = locks["tensors"]
+    if not isinstance(entries, dict) or not entries:
+        return out + ["locks.tensors must be a non-empty object of name -> lock"]
+    dof = 0
+    for n, e in entries.items():
+        t = tensors.get(n) if isinstance(tensors, dict) else None
+        if not isinstance(e, dict) or not {"shape", "dof"} <= set(e) or set(e) - {"shape", "dof", *SIDES} \
+                or not any(s in e for s in SIDES):
+            out.append(f"lock {n!r}: entry must have shape, dof and an 'out' and/or 'in' basis")
+            continue
+        if t is None:
+            out.append(f"lock {n!r}: not a tensor of the manifest")
+        elif e["shape"] != t.get("shape"):
+            out.append(f"lock {n!r}: shape {e['shape']}, the manifest's tensor has {t.get('shape')}")
+        elif t.get("frozen"):
+            out.append(f"lock {n!r}: the tensor is frozen; a lock applies to trainable tensors")
+        elif len(e["shape"]) < 2:
+            out.append(f"lock {n!r}: only tensors with 2+ dimensions can be locked")
+        for s in SIDES:
+            b = e.get(s)
+            if s in e and not (isinstance(b, dict) and set(b) == {"rank", "sha256"} and _int(b["rank"])
+                               and b["rank"] > 0 and isinstance(b["sha256"], str) and _HEX64.match(b["sha256"])):
+                out.append(f"lock {n!r}: {s} must be {{rank: int > 0, sha256: 64 hex digits}}")
+        if not _int(e["dof"]) or e["dof"] <= 0:
+            out.append(f"lock {n!r}: dof must be a positive int")
+        else:
+            dof += e["dof"]
+    c = locks["counts"]
+    if not out and (not isinstance(c, dict) or c.get("tensors") != len(entries) or c.get("dof") != dof):
+        out.append(f"locks.counts {c} disagree with the locks ({len(entries)} tensors, {dof} dof): the file was edited")
+    return out
+
+
 @dataclass(kw_only=True)
 class Manifest:
     """A freeze mask bound to the exact base model it was made for.
@@ -106,12 +157,15 @@ class Manifest:
     counts: dict[str, Any]
     provenance: dict[str, Any]
     signature: dict[str, Any] | None = None
+    locks: dict[str, Any] | None = None  # {"file", "tensors": name -> entry, "counts"}
 
     # ----------------------------------------------------------------------------- build
     @classmethod
     def build(cls, model: NamedTensors, mask: FreezeMask,
-              provenance: Mapping[str, Any] | None = None) -> "Manifest":
-        """Hash ``model`` (its parameters) and record ``mask`` over it.
+              provenance: Mapping[str, Any] | None = None, *, lock: SubspaceLock | None = None,
+              lock_file: str | None = None) -> "Manifest":
+        """Hash ``model`` (its parameters) and record ``mask`` over it (and ``lock``, whose bases
+        ``save(path, lock=...)`` writes to ``lock_file`` beside the manifest).
 
         Args:
             model: the base model, or its state dict.
@@ -151,27 +205,70 @@ class Manifest:
         prov.setdefault("created", _now_iso())
         if not isinstance(prov["method"], str):
             raise ManifestError(f"provenance method must be a string, got {prov['method']!r}")
-        return cls(base_fingerprint=model_fingerprint(tensors, digests=digests), tensors=entries,
-                   counts=_counts(entries), provenance=_jsonable(prov))
+        out = cls(base_fingerprint=model_fingerprint(tensors, digests=digests), tensors=entries,
+                  counts=_counts(entries), provenance=_jsonable(prov))
+        if lock is not None and len(lock):
+            bad = lock.problems(tensors)
+            if bad:
+                raise ManifestError("the lock does not fit this model:", bad)
+            ents = lock.entries()
+            out.locks = {"file": lock_file or "manifest.locks.safetensors", "tensors": ents,
+                         "counts": {"tensors": len(ents), "dof": lock.dof, **{
+                             k: v for k, v in lock.counts(tensors).items() if k not in ("tensors", "dof")}}}
+            problems = lock_section_problems(out.locks, entries)
+            if problems:
+                raise ManifestError("the lock cannot be recorded:", problems)
+        return out
 
     # ----------------------------------------------------------------------------- files
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": self.schema, "base_fingerprint": self.base_fingerprint,
-                "counts": self.counts, "provenance": self.provenance,
-                "signature": self.signature, "tensors": self.tensors}
+        d = {"schema": self.schema, "base_fingerprint": self.base_fingerprint,
+             "counts": self.counts, "provenance": self.provenance,
+             "signature": self.signature, "tensors": self.tensors}
+        if self.locks is not None:
+            d["locks"] = self.locks
+        return d
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the manifest as JSON, atomically."""
+    def save(self, path: str | os.PathLike, *, lock: SubspaceLock | None = None) -> Path:
+        """Write the manifest as JSON, atomically; with ``lock``, its bases first, beside it
+        (checked against the manifest's lock entries)."""
+        if lock is not None:
+            if self.locks is None or lock.entries() != self.locks["tensors"]:
+                raise ManifestError("the lock given is not the one this manifest records")
+            target = Path(path).parent / self.locks["file"]
+            if target.exists():
+                try:  # the same bases may be rewritten; another manifest's must not be replaced
+                    SubspaceLock.load(target, self.locks["tensors"])
+                except ManifestError:
+                    raise ManifestError(f"{str(target)!r} holds other bases (another manifest's locks); "
+                                        "save this manifest in another folder or build it with another "
+                                        "lock_file") from None
+            else:
+                lock.save(target)
+        elif self.locks is not None and not (Path(path).parent / self.locks["file"]).is_file():
+            raise ManifestError(f"the manifest records locks but {self.locks['file']!r} is not beside "
+                                f"{str(path)!r}: pass lock= to write it")
         return atomic_write_json(path, self.to_dict())
+
+    def load_lock(self, manifest_path: str | os.PathLike) -> SubspaceLock | None:
+        """The direction locks of this manifest (None without any), read from the file beside
+        ``manifest_path`` and checked basis by basis against the recorded SHA-256."""
+        if self.locks is None:
+            return None
+        return SubspaceLock.load(Path(manifest_path).parent / self.locks["file"], self.locks["tensors"])
+
+    @property
+    def locked_names(self) -> tuple[str, ...]:
+        return tuple(self.locks["tensors"]) if self.locks else ()
 
     @classmethod
     def from_dict(cls, obj: Any, *, source: str = "manifest") -> "Manifest":
         """Validate a parsed manifest; every problem is reported in one ``ManifestError``."""
         if not isinstance(obj, dict):
             raise ManifestError(f"{source}: a manifest is a JSON object, got {type(obj).__name__}")
-        if "schema" in obj and obj["schema"] != SCHEMA:
+        if "schema" in obj and obj["schema"] not in READS:
             raise ManifestError(f"{source}: unsupported manifest schema {obj['schema']!r} "
-                                f"(this version reads {SCHEMA!r})")
+                                f"(this version reads {list(READS)})")
         problems = [f"missing key {k!r}" for k in _REQUIRED_KEYS if k not in obj]
         problems += [f"unknown key {k!r}" for k in obj if k not in _TOP_KEYS]
         if problems:
@@ -193,10 +290,15 @@ class Manifest:
         if not problems and obj["counts"] != _counts(tensors):
             problems.append(f"counts {obj['counts']} disagree with the tensors "
                             f"({_counts(tensors)}): the file was edited")
+        if "locks" in obj:
+            if obj["schema"] != SCHEMA:
+                problems.append(f"locks need schema {SCHEMA!r}")
+            elif not problems:
+                problems += lock_section_problems(obj["locks"], tensors)
         if problems:
             raise ManifestError(f"{source}: not a valid manifest:", problems)
         return cls(schema=obj["schema"], base_fingerprint=obj["base_fingerprint"], tensors=tensors,
-                   counts=obj["counts"], provenance=prov, signature=obj.get("signature"))
+                   counts=obj["counts"], provenance=prov, signature=obj.get("signature"), locks=obj.get("locks"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Manifest":

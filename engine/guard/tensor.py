@@ -9,12 +9,14 @@ frozen convolutions run through an autograd function that does not save their in
 proven (``verify``): every frozen tensor, as exported and as held live, against the manifest's
 SHA-256.
 
-A second guard type (a lock on directions inside trainable tensors) plugs in next to this one:
-its own learner, enforcement in the optimizer step, manifest entries and proof.
+The second guard type, a lock on directions inside trainable tensors (``guard.subspace``), rides
+along: ``lock`` holds its bases (enforced in the optimizer step, ``optim.project``) and ``anchors``
+the base's coordinates along them, so ``verify`` proves it after the job without a base copy.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,6 +26,7 @@ from freezeasguard.engine.errors import ConfigError
 from freezeasguard.engine.guard.frozen_ops import install_frozen_convs
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.guard.subspace import LockAnchors, LockResidual, SubspaceLock
 from freezeasguard.engine.guard.verify import VerifyReport, verify_frozen
 
 
@@ -37,6 +40,16 @@ class TensorGuard:
     frozen_dtype: torch.dtype | None = None
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # host fp32 copies
     frozen_convs: int = 0
+    lock: SubspaceLock | None = None
+    anchors: LockAnchors | None = None
+    # Where the locked tensors are not the ones trained (LoRA), the wiring proves the lock itself:
+    # (unet, steps) -> [LockResidual]
+    lock_check: Callable[[nn.Module, int], list[LockResidual]] | None = None
+
+    def take_anchors(self, unet: nn.Module) -> None:
+        """Record the base's locked coordinates (call before training)."""
+        if self.lock is not None:
+            self.anchors = LockAnchors.of(self.lock, unet)
 
     @property
     def frozen_names(self) -> tuple[str, ...]:
@@ -48,12 +61,21 @@ class TensorGuard:
         state.update(self.originals)
         return state
 
-    def verify(self, unet: nn.Module) -> VerifyReport | None:
-        """Frozen tensors still equal the base: live copies (in their storage dtype) and export."""
+    def verify(self, unet: nn.Module, steps: int = 0) -> VerifyReport | None:
+        """Frozen tensors still equal the base (live copies in their storage dtype, and export), and
+        locked tensors moved only outside their locked directions over ``steps`` steps."""
         if self.manifest is None:
             return None
         state = self.export_state(unet)
         report = verify_frozen(self.manifest, state)
+        if self.lock_check is not None:
+            report.add_lock_residuals(self.lock_check(unet, steps))
+        elif self.lock is not None:
+            if self.anchors is None:
+                report.lock_violation.append("<locks>")
+                report.details["<locks>"] = "the locks were not anchored before training: cannot prove them"
+            else:
+                report.add_lock_residuals(self.anchors.residuals(self.lock, state, steps))
         if self.originals:  # the live low-precision copies must still be the rounded originals
             live = dict(unet.named_parameters())
             for n, orig in self.originals.items():

@@ -1,4 +1,5 @@
-"""The proof of a freeze: every frozen tensor of a model is bit-identical to its manifest."""
+"""The proof of a guard: every frozen tensor of a model is bit-identical to its manifest, and every
+locked tensor moved only outside its locked directions (``add_lock_residuals``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ class VerifyReport:
     dtype_mismatch: list[str] = field(default_factory=list)
     shape_mismatch: list[str] = field(default_factory=list)
     details: dict[str, str] = field(default_factory=dict)
+    locks_checked: int = 0
+    lock_violation: list[str] = field(default_factory=list)
+    max_lock_residual: float = 0.0  # largest residual / tolerance seen
 
     @property
     def ok(self) -> bool:
@@ -25,14 +29,32 @@ class VerifyReport:
 
     @property
     def failures(self) -> list[str]:
-        return self.missing + self.shape_mismatch + self.dtype_mismatch + self.hash_mismatch
+        return self.missing + self.shape_mismatch + self.dtype_mismatch + self.hash_mismatch + self.lock_violation
 
     def summary(self) -> str:
-        if self.ok:
-            return f"all {self.checked} frozen tensors are bit-identical to the manifest"
-        return (f"{len(self.failures)} of {self.checked} frozen tensors fail: "
-                f"{len(self.missing)} missing, {len(self.shape_mismatch)} shape, "
-                f"{len(self.dtype_mismatch)} dtype, {len(self.hash_mismatch)} changed bytes")
+        locks = "" if not self.locks_checked else (
+            f"; all {self.locks_checked} locked tensors within tolerance of their locked directions "
+            f"(worst {self.max_lock_residual:.2g} of it)" if not self.lock_violation else
+            f"; {len(self.lock_violation)} of {self.locks_checked} locked tensors moved along locked directions")
+        frozen = self.missing + self.shape_mismatch + self.dtype_mismatch + self.hash_mismatch
+        if not frozen:
+            head = f"all {self.checked} frozen tensors are bit-identical to the manifest"
+        else:
+            head = (f"{len(frozen)} of {self.checked} frozen tensors fail: "
+                    f"{len(self.missing)} missing, {len(self.shape_mismatch)} shape, "
+                    f"{len(self.dtype_mismatch)} dtype, {len(self.hash_mismatch)} changed bytes")
+        return head + locks
+
+    def add_lock_residuals(self, residuals) -> "VerifyReport":
+        """Record ``guard.subspace.LockResidual`` results (every one over its tolerance fails)."""
+        self.locks_checked += len(residuals)
+        for r in residuals:
+            if r.tolerance > 0:
+                self.max_lock_residual = max(self.max_lock_residual, r.residual / r.tolerance)
+            if not r.ok:
+                self.lock_violation.append(r.name)
+                self.details[r.name] = r.describe()
+        return self
 
     def raise_if_failed(self) -> None:
         if not self.ok:

@@ -66,7 +66,7 @@ class GroupCount:
         return self.frozen_tensors / self.tensors if self.tensors else 0.0
 
 
-def _block_rank(block: str) -> int:
+def block_rank(block: str) -> int:
     # Data-flow order of the UNet (diffusers registers mid_block after up_blocks).
     head = block.split(".", 1)[0]
     ranks = {"conv_in": 0, "time_embedding": 1, "add_embedding": 1, "down_blocks": 2, "mid_block": 3,
@@ -88,7 +88,7 @@ def group_counts(mask: FreezeMask, by: str = "block") -> list[GroupCount]:
         row[2] += k if f else 0
         row[3] += k
     rows = [GroupCount(g, *r) for g, r in order.items() if r[1]]
-    return sorted(rows, key=lambda r: _block_rank(r.group)) if by == "block" else rows
+    return sorted(rows, key=lambda r: block_rank(r.group)) if by == "block" else rows
 
 
 def jaccard(a: FreezeMask, b: FreezeMask) -> dict[str, float]:

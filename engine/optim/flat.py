@@ -4,6 +4,8 @@ Trainable tensors are views of ONE contiguous fp32 buffer and their gradients vi
 buffer, so zeroing is one fill, the global norm one reduction and AdamW one call: the one-launch
 Triton kernel on CUDA, torch's public fused AdamW on CPU, and on CUDA too where Triton cannot run.
 Frozen tensors are not in the buffer at all. A step reads the gradient buffer and never writes it.
+Tensors under a direction lock sit first, grouped by shape, and their chunks are stepped and
+projected one at a time (``optim.project.LockGroups``); the rest is still one call.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from freezeasguard.engine.errors import TrainingError
+from freezeasguard.engine.optim.project import DEFAULT_CHUNK_NUMEL, Bases, LockGroups, group_key
 from freezeasguard.kernels import _triton
 from freezeasguard.kernels.adamw import fused_adamw_, global_grad_norm
 
@@ -45,13 +48,28 @@ class FlatAdamW(torch.optim.Optimizer):
     ``step()`` is a single call of ``freezeasguard.kernels.adamw.fused_adamw_``; the global
     gradient-clipping coefficient set by ``clip_grad_norm_`` is applied inside it (no extra pass
     over the gradients, no host sync on CUDA).
+
+    ``locks`` (name -> (U, V), see ``optim.project``): those tensors' updates are projected off
+    their locked subspaces inside the step; they come first in the buffer, grouped by shape.
     """
 
     def __init__(self, named: list[tuple[str, nn.Parameter]], *, lr: float, betas=(0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, backend: str = "auto"):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, backend: str = "auto",
+                 locks: Bases | None = None, lock_chunk_numel: int = DEFAULT_CHUNK_NUMEL):
         if not named:
             raise ValueError("FlatAdamW needs at least one trainable tensor")
-        ordered = [x for x in named if x[1].dim() >= 2] + [x for x in named if x[1].dim() < 2]
+        locks = dict(locks or {})
+        known = {n for n, p in named if p.dim() >= 2}
+        stray = sorted(set(locks) - known)
+        if stray:
+            raise ValueError(f"locks name tensors that are not trainable matrices here: {stray[:5]}")
+        keys: dict[tuple, int] = {}
+        for n, p in named:
+            if n in locks:
+                keys.setdefault(group_key(p.shape, locks[n]), len(keys))
+        locked = sorted([x for x in named if x[0] in locks], key=lambda x: keys[group_key(x[1].shape, locks[x[0]])])
+        ordered = locked + [x for x in named if x[1].dim() >= 2 and x[0] not in locks] + \
+            [x for x in named if x[1].dim() < 2]
         device = ordered[0][1].device
         total = sum(p.numel() for _, p in ordered)
         flat = torch.empty(total, dtype=torch.float32, device=device)
@@ -70,6 +88,8 @@ class FlatAdamW(torch.optim.Optimizer):
         flat.grad = grad
         self.decay_end = sum(p.numel() for _, p in ordered if p.dim() >= 2)
         self.named = ordered
+        layout = [(n, o, k, tuple(p.shape)) for (n, o, k), (_, p) in zip(self.segments, ordered) if n in locks]
+        self.locks = LockGroups(layout, locks, device, lock_chunk_numel) if locks else None
         self.backend, self.backend_reason = resolve_flat_backend(backend, device)
         self._scale: torch.Tensor | None = None  # clip coefficient for the next step (device scalar)
         self._norm: torch.Tensor | None = None  # gradient norm clip_grad_norm_ measured for it
@@ -80,15 +100,33 @@ class FlatAdamW(torch.optim.Optimizer):
         st["exp_avg_sq"] = torch.zeros_like(flat)
 
     @property
+    def lock_bytes(self) -> int:
+        """Bytes of the stacked lock bases held on the buffer's device (zero-padded per shape group)."""
+        if self.locks is None:
+            return 0
+        return sum(b.numel() * b.element_size() for g in self.locks.groups for b in (g.out, g.inp) if b is not None)
+
+    @property
+    def lock_transient_bytes(self) -> int:
+        """The largest pre-step copy one locked chunk takes during ``step()`` (freed after it)."""
+        if self.locks is None:
+            return 0
+        return max(hi - lo for lo, hi in map(LockGroups.span, self.locks.chunks)) * self.flat.element_size()
+
+    @property
     def flat(self) -> torch.Tensor:
         return self.param_groups[0]["params"][0]
 
     def describe(self) -> str:
         dec = [(n, p) for n, p in self.named if p.dim() >= 2]
         nod = [(n, p) for n, p in self.named if p.dim() < 2]
+        lock = "" if self.locks is None else (
+            f"; {sum(g.count for g in self.locks.groups)} locked tensors in {len(self.locks.groups)} shape groups, "
+            f"{len(self.locks.chunks)} chunk(s)")
         return (f"flat optimizer groups: decay: {len(dec)} tensors, {self.decay_end:,} params; "
                 f"no_decay: {len(nod)} tensors, {self.flat.numel() - self.decay_end:,} params; "
-                f"one {self.flat.numel():,}-element fp32 buffer, AdamW backend {self.backend} ({self.backend_reason})")
+                f"one {self.flat.numel():,}-element fp32 buffer, AdamW backend {self.backend} ({self.backend_reason})"
+                + lock)
 
     def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002 - views must survive
         self.flat.grad.zero_()
@@ -117,10 +155,24 @@ class FlatAdamW(torch.optim.Optimizer):
         g = self.param_groups[0]
         st = self.state[self.flat]
         st["step"] += 1
-        fused_adamw_(self.flat, self.flat.grad, st["exp_avg"], st["exp_avg_sq"], lr=g["lr"],
-                     beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
-                     weight_decay=g["weight_decay"], decay_end=self.decay_end, step=st["step"],
-                     grad_scale=self._scale, backend=self.backend)
+        flat, grad, m, v = self.flat, self.flat.grad, st["exp_avg"], st["exp_avg_sq"]
+
+        def run(lo: int, hi: int) -> None:
+            fused_adamw_(flat[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi], lr=g["lr"], beta1=g["betas"][0],
+                         beta2=g["betas"][1], eps=g["eps"], weight_decay=g["weight_decay"],
+                         decay_end=min(max(self.decay_end - lo, 0), hi - lo), step=st["step"],
+                         grad_scale=self._scale, backend=self.backend)
+
+        start = 0
+        if self.locks is not None:  # locked chunks: copy, step, project the update; then the rest
+            for chunk in self.locks.chunks:
+                lo, hi = LockGroups.span(chunk)
+                old = flat[lo:hi].clone()
+                run(lo, hi)
+                LockGroups.project_chunk_(chunk, flat, old)
+            start = self.locks.end
+        if start < flat.numel():
+            run(start, flat.numel())
         self._scale = None
 
     # Optimizer.state_dict stores tensors by param index; the ints round-trip as they are.

@@ -17,9 +17,14 @@ from torch import nn
 from freezeasguard.engine.errors import MergeError
 from freezeasguard.engine.guard.hashing import named_tensors
 from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.guard.subspace import SubspaceLock, lock_residuals
 from freezeasguard.engine.guard.verify import verify_frozen
 
 DELTA_FORMAT = "freezeasguard.delta/1"
+# The most steps a delta's lock tolerance is granted by default (its metadata says how many it took,
+# unsigned; a claim above the cap is not believed): the tolerance grows with the steps, so an
+# unbounded claim would widen it. Pass the policy's max_steps to tighten it to the service's cap.
+MAX_TOLERANCE_STEPS = 1_000
 
 
 def load_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -32,21 +37,25 @@ def load_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, meta
 
 
-def _lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The weight change ``scaling * B A`` of a LoRA pair, shaped like the weight (fp32)."""
     # Linear: W [out, in] += s * B [out, r] @ A [r, in]. Conv: A is a [r, in, k, k] conv and B a
     # 1x1 [out, r] conv, so the composite kernel is sum_r B[o, r] * A[r, i, :, :].
     return torch.einsum("or,ri...->oi...", b.float().flatten(1), a.float()) * scaling
 
 
 def merge_delta(base: nn.Module | Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
-                manifest: Manifest, metadata: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+                manifest: Manifest, metadata: Mapping[str, str] | None = None, *,
+                lock: SubspaceLock | None = None, max_steps: int = MAX_TOLERANCE_STEPS) -> dict[str, torch.Tensor]:
     """Apply a delta to the base UNet's tensors, refusing anything that touches the freeze.
 
     Args:
         base: the base UNet (or its state dict); must be the manifest's base model.
         delta: full tensors by UNet name, or LoRA pairs ``<module>.lora_A/B.weight``.
         manifest: the freeze manifest the delta must respect.
-        metadata: the delta's metadata (``method``, and ``lora_rank``/``lora_alpha`` for LoRA).
+        metadata: the delta's metadata (``method``, ``steps``, and ``lora_rank``/``lora_alpha`` for LoRA).
+        lock: the manifest's direction locks (``manifest.load_lock``); required when it has any.
+        max_steps: the most steps the lock tolerance is granted, whatever the metadata claims.
     Returns:
         The merged state (new tensors where the delta applies, the base's elsewhere).
     Raises:
@@ -56,6 +65,8 @@ def merge_delta(base: nn.Module | Mapping[str, torch.Tensor], delta: Mapping[str
     state = named_tensors(base)
     problems = [f"base: {p}" for p in manifest.model_problems(state)]
     meta = metadata or {}
+    if manifest.locks is not None and (lock is None or lock.entries() != manifest.locks["tensors"]):
+        raise MergeError(["the manifest has direction locks: pass its lock (manifest.load_lock) to check them"])
     if meta.get("manifest_digest", manifest.digest()) != manifest.digest():
         problems.append("the delta was trained under a different manifest")
     if meta.get("base_fingerprint", manifest.base_fingerprint) != manifest.base_fingerprint:
@@ -103,9 +114,21 @@ def merge_delta(base: nn.Module | Mapping[str, torch.Tensor], delta: Mapping[str
                     problems.append(f"module {m!r}: adapter shapes A {list(a.shape)}, B {list(b.shape)} "
                                     f"do not fit the weight {list(W.shape)}")
                 else:
-                    merged[w] = (W.float() + _lora_delta(a, b, scaling)).to(W.dtype)
+                    merged[w] = (W.float() + lora_delta(a, b, scaling)).to(W.dtype)
     else:
         problems.append(f"unknown delta method {method!r}")
+    steps = None
+    if lock is not None:
+        try:
+            steps = min(int(meta["steps"]), max_steps)
+        except (KeyError, ValueError):
+            problems.append(f"the delta's metadata has no valid 'steps' ({meta.get('steps')!r}): its direction "
+                            "locks cannot be checked against a tolerance")
+    if lock is not None and not problems:
+        deltas = {n: merged[n].float() - state[n].float() for n in lock.locks if merged[n] is not state[n]}
+        norms = {n: float(state[n].double().norm()) for n in deltas}
+        problems += [f"{r.describe()}: the delta moves the base along directions the manifest locks"
+                     for r in lock_residuals(lock, deltas, norms, max(steps or 0, 0)) if not r.ok]
     if problems:
         raise MergeError(problems)
     report = verify_frozen(manifest, merged)  # the proof on the merged result, not just the rules

@@ -7,6 +7,11 @@ tensors is trainable under the guard. ``resolve_lora_targets`` turns a job's tar
 full module names and reports the modules that would undo the freeze; ``LoraWiring`` injects peft
 adapters on exactly the approved modules (one anchored regex, so peft's own name matching cannot
 widen the set) and hands the trainer the adapter tensors only.
+
+A module under a direction lock may take an adapter: the wiring projects ``B`` off the locked
+output directions and ``A`` off the locked input directions after every step (``U^T B = 0`` and
+``A V = 0``, so every merged ``B A`` respects the lock), and proves it after the job from the
+adapters themselves (``lock_residuals``).
 """
 from __future__ import annotations
 
@@ -23,9 +28,12 @@ from freezeasguard.engine.config import TrainConfig
 from freezeasguard.engine.errors import JobError
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.guard.subspace import LockResidual, SubspaceLock, residual_tolerance
 from freezeasguard.engine.guard.tensor import TensorGuard, enforce
 from freezeasguard.engine.optim.factory import make_optimizer
 from freezeasguard.engine.optim.groups import param_groups
+from freezeasguard.engine.optim.project import register_lock_hooks
+from freezeasguard.engine.service.delta import lora_delta
 from freezeasguard.engine.service.spec import LoraSpec
 
 # Module types an adapter can be attached to (peft LoRA layers for these wrap the base layer).
@@ -105,20 +113,26 @@ class LoraWiring:
         train: the job's train settings (optimizer, weight decay, seed).
         manifest: the freeze in force; with it the trainer proves the frozen tensors afterwards
             (``guard``) and ``frozen_conv`` runs frozen convolutions without saving their input.
+        lock: direction locks; adapters on locked modules are projected after every step.
     """
 
     def __init__(self, modules: Sequence[str], lora: LoraSpec, train: TrainConfig, *,
-                 manifest: Manifest | None = None, frozen_conv: bool = False):
+                 manifest: Manifest | None = None, frozen_conv: bool = False, lock: SubspaceLock | None = None):
         if not modules:
             raise JobError("LoRA wiring: no module is open to an adapter under this guard")
         self.modules, self.lora, self.train = list(modules), lora, train
         self.manifest, self.frozen_conv = manifest, frozen_conv
+        self.lock = lock
         self.guard: TensorGuard | None = None
+        self.locked_modules: list[str] = []
 
     def __call__(self, unet: nn.Module):
-        if self.manifest is not None:
-            self.guard = TensorGuard("engine", self.manifest.mask(unet), self.manifest)
+        if self.manifest is not None or self.lock is not None:
+            mask = self.manifest.mask(unet) if self.manifest is not None else FreezeMask.from_names(unet, [])
+            self.guard = TensorGuard("engine", mask, self.manifest, lock=self.lock)
             enforce(self.guard, unet, frozen_conv=self.frozen_conv)
+            if self.lock is not None:
+                self.guard.lock_check = self.lock_residuals
         unet.requires_grad_(False)  # LoRA trains adapters only, whatever the mask allows
         pattern = "^(?:" + "|".join(re.escape(m) for m in self.modules) + ")$"
         torch.manual_seed(self.train.seed)  # adapter init (kaiming A, zero B) is seeded
@@ -131,7 +145,35 @@ class LoraWiring:
             raise JobError(f"LoRA wiring left non-adapter tensors trainable: {stray[:5]}" if stray
                            else "LoRA wiring found no adapter tensors")
         device = next(unet.parameters()).device
-        return named, make_optimizer(param_groups(named, self.train.weight_decay), self.train, device)
+        opt = make_optimizer(param_groups(named, self.train.weight_decay), self.train, device)
+        if self.lock is not None:
+            bases = {}
+            for m in self.modules:
+                lk = self.lock.locks.get(f"{m}.weight")
+                if lk is None:
+                    continue
+                self.locked_modules.append(m)
+                if lk.out is not None:
+                    bases[f"{m}.lora_B.{ADAPTER}.weight"] = (lk.out, None)
+                if lk.inp is not None:
+                    bases[f"{m}.lora_A.{ADAPTER}.weight"] = (None, lk.inp)
+            if bases:  # B starts at zero; A is projected once now, both after every step
+                register_lock_hooks(opt, named, bases, mode="whole")
+        return named, opt
+
+    @torch.no_grad()
+    def lock_residuals(self, unet: nn.Module, steps: int) -> list[LockResidual]:
+        """The lock's residual on every adapted locked module, from ``scaling * B A``."""
+        params = dict(unet.named_parameters())
+        scaling = self.lora.alpha / self.lora.rank
+        out = []
+        for m in self.locked_modules:
+            lk = self.lock.locks[f"{m}.weight"]
+            d = lora_delta(params[f"{m}.lora_A.{ADAPTER}.weight"], params[f"{m}.lora_B.{ADAPTER}.weight"], scaling)
+            w0 = float(params[f"{m}.base_layer.weight"].detach().double().norm())
+            dn = float(d.double().norm())
+            out.append(LockResidual(f"{m}.weight", lk.energy(d) ** 0.5, residual_tolerance(steps, w0, dn), dn))
+        return out
 
     @staticmethod
     def delta_name(name: str) -> str:

@@ -24,6 +24,7 @@ from freezeasguard.engine.errors import (
     SignatureError,
 )
 from freezeasguard.engine.guard.manifest import Manifest
+from freezeasguard.engine.guard.subspace import SubspaceLock
 from freezeasguard.engine.io import file_sha256
 from freezeasguard.engine.model.components import Components, load_components
 from freezeasguard.engine.model.data import ImageDataset, load_image_folder
@@ -60,6 +61,7 @@ class JobPlan:
     out: Path
     log: Path
     sources: dict[str, str] = field(default_factory=dict)  # spec / policy / manifest / base paths
+    lock: SubspaceLock | None = None  # the manifest's direction locks, bases checked against its hashes
 
 
 def _attempt(what: str, fn, problems: list[str]):
@@ -182,6 +184,7 @@ def plan_job(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLi
     else:
         key = _attempt("publisher key", lambda: load_key(key_path, policy.signature.algorithm), problems)
     man = _attempt("manifest", lambda: Manifest.load(manifest), problems)
+    lock = _attempt("manifest locks", lambda: man.load_lock(manifest), problems) if man is not None else None
     comps = _attempt("base model", lambda: load_components(base), problems)
 
     problems += spec_problems(spec, policy, man.mask() if man is not None else None)
@@ -214,4 +217,5 @@ def plan_job(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLi
         raise PolicyViolation(problems)
     return JobPlan(job_id=job_id, spec=spec, policy=policy, manifest=man, components=comps,
                    dataset=dataset, dataset_files=files, config=cfg, base_fingerprint=fingerprint,
-                   lora_modules=lora_modules, lora_skipped=lora_skipped, out=out, log=log_path, sources=sources)
+                   lora_modules=lora_modules, lora_skipped=lora_skipped, out=out, log=log_path, sources=sources,
+                   lock=lock)

@@ -53,8 +53,11 @@ class JobResult:
 def _verify_dict(report: VerifyReport | None, why_none: str = "") -> dict[str, Any]:
     if report is None:
         return {"ok": False, "checked": 0, "summary": f"not verified: {why_none}", "failures": []}
-    return {"ok": report.ok, "checked": report.checked, "summary": report.summary(),
-            "failures": [report.details[n] for n in report.failures]}
+    out = {"ok": report.ok, "checked": report.checked, "summary": report.summary(),
+           "failures": [report.details[n] for n in report.failures]}
+    if report.locks_checked or report.lock_violation:
+        out.update(locks_checked=report.locks_checked, max_lock_residual=report.max_lock_residual)
+    return out
 
 
 def _base_record(plan: JobPlan, started: str) -> dict[str, Any]:
@@ -102,14 +105,14 @@ def _run(plan: JobPlan, record: dict[str, Any]) -> JobResult:
     with atomic_dir(plan.out) as stage:
         # The trainer reads the manifest it enforces from this copy: the exact object that was
         # reviewed and signature-checked, not a path the user could swap after review.
-        plan.manifest.save(stage / MANIFEST_FILE)
+        plan.manifest.save(stage / MANIFEST_FILE, lock=plan.lock)
         cfg = dataclasses.replace(plan.config, out_dir=str(stage),
                                   freeze=dataclasses.replace(plan.config.freeze,
                                                              manifest=str(stage / MANIFEST_FILE)))
         wiring = None
         if plan.spec.method == "lora":
             wiring = LoraWiring(plan.lora_modules, plan.spec.lora_settings, cfg.train, manifest=plan.manifest,
-                                frozen_conv=cfg.freeze.frozen_conv)
+                                frozen_conv=cfg.freeze.frozen_conv, lock=plan.lock)
         trainer = Trainer(cfg, components=plan.components, dataset=plan.dataset, wiring=wiring)
         if wiring is not None:
             trainer.guard = wiring.guard
@@ -119,12 +122,14 @@ def _run(plan: JobPlan, record: dict[str, Any]) -> JobResult:
         atomic_write_json(stage / "config.json", {**run_cfg, "config": plan.config.to_dict()})
         record["train"] = {"steps": trainer.step, "losses": [s.loss for s in history]}
         enforced = getattr(trainer.guard, "manifest", None)
-        if enforced is None or enforced.digest() != plan.manifest.digest():
-            record["verify"] = _verify_dict(None, "the trainer did not enforce the reviewed manifest")
+        lock_held = plan.lock is None or getattr(trainer.guard, "lock_check", None) is not None or (
+            getattr(trainer.guard, "lock", None) is not None and trainer.guard.lock.entries() == plan.lock.entries())
+        if enforced is None or enforced.digest() != plan.manifest.digest() or not lock_held:
+            record["verify"] = _verify_dict(None, "the trainer did not enforce the reviewed manifest and its locks")
         else:
             record["verify"] = _verify_dict(trainer.verify_frozen())
         if not record["verify"]["ok"]:
-            raise JobError(f"job {plan.job_id}: the freeze could not be proven: "
+            raise JobError(f"job {plan.job_id}: the guard could not be proven: "
                            f"{record['verify']['summary']}; nothing was published")
 
         delta = trainer.trainable_state()
@@ -133,7 +138,7 @@ def _run(plan: JobPlan, record: dict[str, Any]) -> JobResult:
         leaked = sorted(set(delta) & set(plan.manifest.frozen_names))
         if leaked:  # cannot happen with the engine's wiring; the delta must never carry them
             raise JobError(f"job {plan.job_id}: the delta would contain frozen tensors {leaked[:5]}")
-        meta = {"format": DELTA_FORMAT, "job_id": plan.job_id, "method": plan.spec.method,
+        meta = {"format": DELTA_FORMAT, "job_id": plan.job_id, "method": plan.spec.method, "steps": str(trainer.step),
                 "base_fingerprint": plan.base_fingerprint, "manifest_digest": plan.manifest.digest()}
         if wiring is not None:
             lo = plan.spec.lora_settings

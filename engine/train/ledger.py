@@ -112,6 +112,7 @@ class Ledger:
     optimizer_state_bytes: int
     optimizer_state_by_key: dict[str, int]  # e.g. exp_avg, exp_avg_sq, step (bnb: state1, ...)
     activation_bytes: int | None = None
+    lock_bytes: int = 0  # direction-lock bases the optimizer holds (optim.flat.FlatAdamW.lock_bytes)
     cuda_max_allocated: int | None = None
     cuda_max_reserved: int | None = None
     device: str = "cpu"
@@ -130,8 +131,8 @@ class Ledger:
 
     @property
     def static_bytes(self) -> int:
-        """Weights + gradients + optimizer state."""
-        return self.weight_bytes + self.grad_bytes + self.optimizer_state_bytes
+        """Weights + gradients + optimizer state (+ lock bases)."""
+        return self.weight_bytes + self.grad_bytes + self.optimizer_state_bytes + self.lock_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -245,5 +246,6 @@ def memory_ledger(model: nn.Module, optimizer: Any = None, *,
     return Ledger(weights_frozen=dict(frozen_w), weights_trainable=dict(train_w),
                   frozen_params=n_frozen, trainable_params=n_train, grad_bytes=grad_bytes,
                   optimizer_state_bytes=state_total, optimizer_state_by_key=dict(by_key),
-                  activation_bytes=act, cuda_max_allocated=max_alloc,
+                  activation_bytes=act, lock_bytes=int(getattr(optimizer, "lock_bytes", 0) or 0),
+                  cuda_max_allocated=max_alloc,
                   cuda_max_reserved=max_reserved, device=str(device))

@@ -186,6 +186,9 @@ class Trainer:
             if self.guard.mask is not None:
                 log.info("freeze (%s): %s; %d frozen convs without saved input", self.cfg.freeze.mode,
                          self.guard.mask.summary(), self.guard.frozen_convs)
+            if self.guard.lock is not None:
+                log.info("direction locks: %d tensors, %s locked degrees of freedom", len(self.guard.lock),
+                         f"{self.guard.lock.dof:,}")
             if hasattr(opt, "describe"):
                 log.info(opt.describe())
             else:
@@ -388,7 +391,7 @@ class Trainer:
 
     def verify_frozen(self):
         """VerifyReport of the frozen tensors against the job's manifest (None without a freeze)."""
-        return self.guard.verify(self.c.unet) if self.guard is not None else None
+        return self.guard.verify(self.c.unet, steps=self.step) if self.guard is not None else None
 
     def save_final(self, path: str | Path | None = None) -> Path:
         """The fine-tuned model as a Stable-Diffusion-layout folder (main process only).

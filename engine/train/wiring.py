@@ -7,9 +7,14 @@
   autograd, held in bf16 under bf16 autocast, frozen convs without saved input), and the trainable
   tensors as views of one flat buffer stepped by ``FlatAdamW`` (``optim.flat``).
 
+A manifest with direction locks (``guard.subspace``) adds them to any mode with a manifest: the
+flat buffer projects locked tensors' updates inside its step; torch AdamW and 8-bit AdamW get step
+hooks that do the same (``optim.project``).
+
 The original fp32 values of frozen tensors are kept on the host so that the exported model carries
 them bit for bit, and every job ends with ``verify``: each frozen tensor is compared with the
-manifest's SHA-256 before a final model may be written.
+manifest's SHA-256, and each locked tensor's residual along its locked directions with its fp32
+tolerance, before a final model may be written.
 """
 from __future__ import annotations
 
@@ -24,21 +29,28 @@ from freezeasguard.engine.guard.tensor import TensorGuard, build_mask, enforce, 
 from freezeasguard.engine.optim.factory import make_optimizer
 from freezeasguard.engine.optim.flat import FlatAdamW
 from freezeasguard.engine.optim.groups import param_groups
+from freezeasguard.engine.optim.project import register_lock_hooks
 
 
 def apply_freeze(cfg: FinetuneConfig, unet: nn.Module, device: torch.device) -> tuple[TensorGuard, list, Any]:
     """Freeze per ``cfg.freeze`` and build the optimizer: returns (guard, named trainable, optimizer)."""
     fc, tc = cfg.freeze, cfg.train
     mask, manifest = build_mask(fc, unet, seed=tc.seed)
-    guard = TensorGuard(fc.mode, mask, manifest)
+    lock = manifest.load_lock(fc.manifest) if manifest is not None and fc.manifest else None
+    guard = TensorGuard(fc.mode, mask, manifest, lock=lock)
+    guard.take_anchors(unet)
     frozen = set(guard.frozen_names)
+    bases = lock.bases() if lock is not None else {}
     if fc.mode in ("full", "naive"):
         enforce(guard, unet)
         named = [(n, p) for n, p in unet.named_parameters() if n not in frozen]
         # naive: the optimizer is handed every parameter, as a script calling
         # AdamW(unet.parameters()) does; frozen ones simply never get a gradient.
         groups = param_groups(list(unet.named_parameters()) if fc.mode == "naive" else named, tc.weight_decay)
-        return guard, named, make_optimizer(groups, tc, device)
+        opt = make_optimizer(groups, tc, device)
+        if bases:
+            register_lock_hooks(opt, named, bases)
+        return guard, named, opt
 
     enforce(guard, unet, frozen_dtype=frozen_storage_dtype(fc, tc.mixed_precision), frozen_conv=fc.frozen_conv)
     named = [(n, p) for n, p in unet.named_parameters() if n not in frozen]
@@ -46,6 +58,9 @@ def apply_freeze(cfg: FinetuneConfig, unet: nn.Module, device: torch.device) -> 
         raise ConfigError("the mask freezes every UNet tensor: nothing is left to train")
     if tc.optimizer == "adamw8bit":
         opt = make_optimizer(param_groups(named, tc.weight_decay), tc, device)
+        if bases:
+            register_lock_hooks(opt, named, bases)
     else:
-        opt = FlatAdamW(named, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, weight_decay=tc.weight_decay)
+        opt = FlatAdamW(named, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, weight_decay=tc.weight_decay,
+                        locks=bases)
     return guard, named, opt
