@@ -1,8 +1,9 @@
 """Efficacy of the guard, end to end on real data: does a learned freeze mask make illegal
 fine-tuning fail while legal fine-tuning still works?
 
-    python bench/run.py guard              # the default suite (3 seeds, <= 30 min on 2 CPU cores)
-    python bench/run.py guard --quick      # a smoke run of every stage (under a minute on 2 CPU cores)
+    python bench/run.py guard              # every guard at the service's caps (3 seeds, ~35 min on 2 CPU cores)
+    python bench/run.py guard --quick      # a smoke run of every stage (a few minutes on 2 CPU cores)
+    python bench/run.py guard --suite tensors   # the tensor-mask study: budgets, baselines, lr sweep, LoRA
     python bench/run.py guard --suite explore   # the mask-learning levers at the headline budget
     python bench/run.py guard --data DIR --domains ILLEGAL,INNOCENT,LEGAL   # a publisher's image folder
 
@@ -39,7 +40,7 @@ log = logging.getLogger("freezeasguard")
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run.py guard", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="default", choices=["default", "quick", "explore"])
+    p.add_argument("--suite", default="default", choices=["default", "quick", "tensors", "explore"])
     p.add_argument("--quick", action="store_true", help="same as --suite quick")
     p.add_argument("--work", default=None, help="cache dir for the base, recogniser, masks and runs "
                                                 "(default runs/guard/<suite>)")
@@ -71,7 +72,8 @@ def main(argv: list[str]) -> int:
         import shutil
 
         shutil.rmtree(work)
-    out = Path(args.out) if args.out else (BENCH / "results" / "guard" if suite == "default" else work / "results")
+    committed = {"default": BENCH / "results" / "guard", "tensors": BENCH / "results" / "guard" / "tensors"}
+    out = Path(args.out) if args.out else committed.get(suite, work / "results")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -79,7 +81,10 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     result = run_suite(plan, args, work, progress)
     result["wall_seconds"] = time.perf_counter() - t0
-    from guard_summary import write_outputs
+    if plan.kind == "caps":
+        from guard_caps import write_outputs
+    else:
+        from guard_summary import write_outputs
 
     paths = write_outputs(result, out)
     smoke = " (a smoke run of every stage: too small to judge the guard by; no targets checked)" \
@@ -92,6 +97,7 @@ def main(argv: list[str]) -> int:
 def run_suite(plan, args, work: Path, progress: bool) -> dict[str, Any]:
     """Every stage of the suite; returns the raw results (runs, masks, world, recogniser)."""
     from efficacy import load_recogniser, save_recogniser, train_recogniser
+    from guard_caps import cap_jobs, cap_specs
     from guard_masks import MaskMaker
     from guard_plan import jobs, mask_specs
     from guard_setup import build_world, pretrain_base
@@ -134,8 +140,10 @@ def run_suite(plan, args, work: Path, progress: bool) -> dict[str, Any]:
     # 3. the masks of every setting
     stages.say("making the publisher's masks")
     makers = {s.name: MaskMaker(world, s, base, work / "masks", user_lr=plan.user_lr, user_batch=plan.user_batch,
-                                steps=plan.mask_steps, bootstrap_steps=plan.bootstrap_steps) for s in world.settings}
-    specs = mask_specs(plan)
+                                steps=plan.mask_steps, bootstrap_steps=plan.bootstrap_steps,
+                                lock_steps=plan.user_steps, oracle_steps=plan.user_steps) for s in world.settings}
+    caps = plan.kind == "caps"
+    specs = cap_specs(plan) if caps else mask_specs(plan)
     todo = []
     for s in world.settings:
         for label, spec, per_seed in specs:
@@ -151,7 +159,7 @@ def run_suite(plan, args, work: Path, progress: bool) -> dict[str, Any]:
         m = mk.load(sp)
         masks.setdefault(s.name, {})[sp.name] = {"label": label, "path": str(path), "spec": dataclasses.asdict(sp),
                                                  "stats": _mask_stats(m, base.unet)}
-        info = path.with_suffix(".info.json")
+        info = mk.root / f"{sp.name}.info.json"
         if info.is_file() and "convergence" in (made := json.loads(info.read_text())):
             masks[s.name][sp.name]["convergence"] = made["convergence"]
 
@@ -165,15 +173,39 @@ def run_suite(plan, args, work: Path, progress: bool) -> dict[str, Any]:
                   threads=args.threads)
     runner = Runner(ctx, work / "runs", args.workers, json.dumps(base_tag, sort_keys=True, default=str), progress)
     base_eval = _evaluate_base(world, base, rec_dir, plan)
-    job_list = jobs(plan, world.settings, mask_path)
+    job_list = (cap_jobs if caps else jobs)(plan, world.settings, mask_path)
     runs = runner.run(job_list, desc=f"users ({len(job_list)} jobs)")
+    sel = _selectivity(plan, world, makers, work, base_tag, stages) if caps else {}
     stages.done()
     return {"stage_seconds": stages.seconds, "suite": plan.name, "plan": plan.to_dict(), "world": world.describe(), "recogniser": report.to_dict(),
             "base": {"dir": str(base_dir), "recipe": base_tag, "eval": base_eval,
                      "params": sum(p.numel() for p in base.unet.parameters()),
                      "tensors": len(list(base.unet.parameters()))},
             "settings": [dataclasses.asdict(s) for s in world.settings], "masks": masks, "runs": runs,
+            "selectivity": sel,
             "threads": args.threads, "workers": args.workers}
+
+
+def _selectivity(plan, world, makers, work: Path, base_tag, stages) -> dict[str, Any]:
+    """How much of an unguarded user's illegal and legal update each guard would block."""
+    import hashlib
+
+    from guard_caps import guards
+    from guard_selectivity import selectivity
+
+    stages.say("selectivity of each guard")
+    by_setting, files = {}, {}
+    for s in world.settings:
+        lst = []
+        for label, spec, _ in guards(plan):
+            owner = world.settings[0] if spec.source == "random" else s
+            sp = dataclasses.replace(spec, seed=plan.seeds[0]) if spec.source == "random" else spec
+            lst.append((label, makers[owner.name].load(sp)))
+            files[f"{s.name}/{label}"] = hashlib.sha256(makers[owner.name].path(sp).read_bytes()).hexdigest()
+        by_setting[s.name] = lst
+    recipe = json.dumps({"base": base_tag, "masks": files, "lr": plan.user_lr, "steps": plan.user_steps,
+                         "batch": plan.user_batch}, sort_keys=True, default=str)
+    return selectivity(makers, by_setting, work / "selectivity.json", recipe)
 
 
 def _make_masks(todo, makers, plan, world_kw, base_dir: Path, work: Path, workers: int, progress: bool) -> None:
@@ -181,8 +213,7 @@ def _make_masks(todo, makers, plan, world_kw, base_dir: Path, work: Path, worker
     missing: dict[str, list] = {}
     for s, _, sp in todo:
         mk = makers[s.name]
-        if not (mk.path(sp).is_file() and mk.path(sp).with_suffix(".recipe").is_file()
-                and mk.path(sp).with_suffix(".recipe").read_text() == mk._recipe(sp)):
+        if not (mk.path(sp).is_file() and mk.stamp(sp).is_file() and mk.stamp(sp).read_text() == mk._recipe(sp)):
             missing.setdefault(s.name, []).append(sp)
     if not missing:
         return
@@ -224,17 +255,26 @@ def _mask_worker(job) -> int:
     world = build_world(**world_kw)
     setting = next(s for s in world.settings if s.name == name)
     mk = MaskMaker(world, setting, load_components(base_dir), Path(work) / "masks", user_lr=plan.user_lr,
-                   user_batch=plan.user_batch, steps=plan.mask_steps, bootstrap_steps=plan.bootstrap_steps)
+                   user_batch=plan.user_batch, steps=plan.mask_steps, bootstrap_steps=plan.bootstrap_steps,
+                   lock_steps=plan.user_steps)
     for sp in specs:
         mk.get(sp)
     return len(specs)
 
 
 def _mask_stats(mask, unet) -> dict[str, Any]:
-    from guard_summary import where_frozen
+    from guard_summary import where_frozen, where_locked
+    from simusers import LockedGuard
 
     from freezeasguard.engine.guard.mask import FreezeMask
 
+    if isinstance(mask, LockedGuard):
+        st = mask.mask.stats()
+        c = mask.lock.counts(unet)
+        return {"tensors": st.tensor_ratio, "params": st.param_ratio, "frozen_params": st.frozen_params,
+                "locked_tensors": c["tensors"], "locked_dof": c["dof"], "locked_matrix_share": c["matrix_ratio"],
+                "locked_share": c["ratio"], "where": where_frozen(mask.mask, unet),
+                "where_locked": where_locked(mask.lock, unet)}
     if isinstance(mask, FreezeMask):
         st = mask.stats()
         stats = {"tensors": st.tensor_ratio, "params": st.param_ratio, "frozen_tensors": st.frozen_tensors,

@@ -1,4 +1,6 @@
-"""The publisher's masks for one setting: learned (whole tensors or rows) and baselines.
+"""The publisher's masks for one setting: learned (whole tensors or rows) and baselines, and its
+direction locks (learned by the engine's ``learn_lock``, or a random subspace), alone or on top
+of a learned tensor mask.
 
 Everything starts from the publisher's data only (its split of the illegal domain + the innocent
 domain): a bootstrap fine-tune gives theta_ft, then ``MaskLearner`` (tensors) or
@@ -27,6 +29,7 @@ from freezeasguard.engine.learn.baselines import magnitude_mask, saliency_mask
 from freezeasguard.engine.learn.config import MaskLearnConfig
 from freezeasguard.engine.learn.diagnostics import convergence, loss_summary
 from freezeasguard.engine.learn.learner import MaskLearner
+from freezeasguard.engine.learn.lock_config import LockLearnConfig
 from freezeasguard.engine.learn.pipeline import DiffusionTask, bootstrap_finetune
 from freezeasguard.engine.model.components import Components
 from freezeasguard.engine.model.data import ImageDataset
@@ -40,9 +43,9 @@ class MaskSpec:
     """One mask to make. ``source``: learned | random | magnitude | saliency."""
 
     source: str  # learned | random | magnitude | saliency | oracle (diagnostic: uses the users' data)
-    budget: float
+    budget: float  # directions: the share of each matrix's side locked
     by: str = "params"  # params | tensors (rows: params | groups)
-    granularity: str = "tensors"  # tensors | rows
+    granularity: str = "tensors"  # tensors | rows | directions | tensors+directions (a mask, then a lock)
     seed: int = 0
     variant: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # learner overrides
 
@@ -79,44 +82,109 @@ class MaskMaker:
     """Makes (and caches) the masks of one setting from one base model."""
 
     def __init__(self, world, setting, base: Components, root: Path, *, user_lr: float, user_batch: int,
-                 steps: int, bootstrap_steps: int, oracle_steps: int = 100):
+                 steps: int, bootstrap_steps: int, oracle_steps: int = 100, lock_steps: int = 100):
         self.world, self.setting, self.base = world, setting, base
         self.root = Path(root) / setting.name
         self.user_lr, self.user_batch = user_lr, user_batch
         self.steps, self.bootstrap_steps = steps, bootstrap_steps
         self.oracle_steps = oracle_steps
+        self.lock_steps = lock_steps  # each lock-learning round's fine-tune: the service's step cap
         self.data = publisher_data(world, setting)
         self._theta_ft: dict[int, dict[str, torch.Tensor]] = {}
         self.info: dict[str, Any] = {}
 
     def _recipe(self, spec: MaskSpec) -> str:
+        if "directions" in spec.granularity:
+            under = self.mask_spec_under(spec) if spec.granularity == "tensors+directions" else None
+            cfg = self.lock_config(spec, None)
+            extra = self._recipe(under) if under is not None else ""
+            return json.dumps({"lock": cfg.to_dict(), "spec": dataclasses.asdict(spec), "under": extra,
+                               "base": self._base_sha(), "n": len(self.data)}, sort_keys=True, default=str)
         cfg = learner_config(self.setting, self.user_lr, self.user_batch, spec, self.steps, self.bootstrap_steps)
-        base_sha = hashlib.sha256(b"".join(p.detach().numpy().tobytes()
-                                           for p in self.base.unet.parameters())).hexdigest()[:16]
-        return json.dumps({"cfg": cfg.to_dict(), "spec": dataclasses.asdict(spec), "base": base_sha,
+        return json.dumps({"cfg": cfg.to_dict(), "spec": dataclasses.asdict(spec), "base": self._base_sha(),
                            "n": len(self.data)}, sort_keys=True, default=str)
 
+    def _base_sha(self) -> str:
+        return hashlib.sha256(b"".join(p.detach().numpy().tobytes()
+                                       for p in self.base.unet.parameters())).hexdigest()[:16]
+
     def path(self, spec: MaskSpec) -> Path:
+        if "directions" in spec.granularity:  # a manifest folder: manifest.json + its locks file
+            return self.root / spec.name / "manifest.json"
         return self.root / f"{spec.name}.json"
+
+    def stamp(self, spec: MaskSpec) -> Path:
+        return self.root / f"{spec.name}.recipe"
 
     def get(self, spec: MaskSpec) -> Path:
         """The mask file of ``spec`` (made now unless cached with the same recipe)."""
-        out = self.path(spec)
-        stamp = out.with_suffix(".recipe")
+        out, stamp = self.path(spec), self.stamp(spec)
         recipe = self._recipe(spec)
         if out.is_file() and stamp.is_file() and stamp.read_text() == recipe:
             return out
-        mask, info = self._make(spec)
-        mask.save(out)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if "directions" in spec.granularity:
+            info = self._make_lock(spec, out.parent)
+        else:
+            mask, info = self._make(spec)
+            mask.save(out)
         stamp.write_text(recipe)
-        (out.with_suffix(".info.json")).write_text(json.dumps(info, indent=1, default=str))
+        (self.root / f"{spec.name}.info.json").write_text(json.dumps(info, indent=1, default=str))
         return out
 
-    def load(self, spec: MaskSpec) -> FreezeMask | RowMask:
+    def load(self, spec: MaskSpec):
         p = self.get(spec)
+        if "directions" in spec.granularity:
+            from simusers import LockedGuard
+
+            return LockedGuard.load(p, self.base.unet)
         if spec.granularity == "rows":
             return RowMask.load(p)
         return FreezeMask.from_file(p, self.base.unet)
+
+    # ------------------------------------------------------------------ direction locks
+    def mask_spec_under(self, spec: MaskSpec) -> MaskSpec:
+        """The learned tensor mask a 'tensors+directions' lock is learned on top of."""
+        return MaskSpec("learned", float(spec.variant.get("mask_budget", 0.3)), seed=spec.seed)
+
+    def lock_config(self, spec: MaskSpec, mask_manifest: str | None) -> LockLearnConfig:
+        v = spec.variant
+        return from_dict(LockLearnConfig, {
+            "illegal": [self.setting.illegal], "innocent": [self.setting.innocent], "budget": spec.budget,
+            "side": v.get("side", "out"), "rounds": int(v.get("rounds", 3)), "select": v.get("select", "energy"),
+            "steps": int(v.get("steps", self.lock_steps)), "seed": spec.seed, "mask": mask_manifest,
+            "user": {"lr": self.user_lr, "batch_size": self.user_batch}, "device": "cpu", "progress": False,
+        }).validate()
+
+    def _make_lock(self, spec: MaskSpec, folder: Path) -> dict[str, Any]:
+        import shutil
+
+        from freezeasguard.engine.guard.manifest import Manifest
+        from freezeasguard.engine.guard.subspace import random_lock
+        from freezeasguard.engine.learn.subspace import learn_lock
+
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        unet = self.base.unet
+        mask, mask_manifest = FreezeMask.from_names(unet, []), None
+        if spec.granularity == "tensors+directions":
+            under = self.mask_spec_under(spec)
+            mask = self.load(under)
+            mask_manifest = str(self.root / f"{spec.name}.mask-manifest.json")
+            Manifest.build(unet, mask, provenance={"method": "learned", "bench": under.name}).save(mask_manifest)
+        info: dict[str, Any] = {"spec": dataclasses.asdict(spec)}
+        if spec.source == "random":
+            lock = random_lock(unet, spec.budget, side=spec.variant.get("side", "out"), seed=spec.seed,
+                               skip=mask.frozen_set)
+            Manifest.build(unet, mask, provenance={"method": "random-subspace", "seed": spec.seed},
+                           lock=lock).save(folder / "manifest.json", lock=lock)
+        elif spec.source == "learned":
+            res = learn_lock(self.lock_config(spec, mask_manifest), folder, components=self.base, dataset=self.data)
+            info["rounds"] = res.rounds
+            info["report"] = {k: res.report[k] for k in ("counts", "by_kind")}
+        else:
+            raise ValueError(f"unknown lock source {spec.source!r}")
+        return info
 
     # ------------------------------------------------------------------ making
     def _cfg(self, spec: MaskSpec) -> MaskLearnConfig:

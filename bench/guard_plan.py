@@ -14,6 +14,7 @@ class Plan:
     """Every knob of a suite; written into the results."""
 
     name: str
+    kind: str = "tensors"  # tensors: the tensor-mask study; caps: every guard at the service's caps
     seeds: tuple[int, ...] = (0, 1, 2)
     # publisher
     base_steps: int = 700
@@ -40,16 +41,28 @@ class Plan:
     heldout_draws: int = 4
     grid_images: int = 16
     extra_masks: tuple[dict, ...] = ()  # further learned variants (explore suite)
+    # direction locks and the caps suite (kind='caps'); user_lr / user_steps / user_batch are the caps
+    lock_budgets: tuple[float, ...] = (0.1, 0.3, 0.5)  # share of each matrix's side locked
+    lock_rounds: int = 3  # adversarial rounds of the headline lock (one-shot = 1 is measured beside it)
+    lock_side: str = "out"
+    lock_select: str = "energy"
+    cap_lora_rank: int = 8  # the policy's LoRA rank cap in this benchmark (alpha = rank)
+    lr_fraction: float = 1 / 3  # the cautious user: lr at this fraction of the cap
+    out_of_cap_lr: float = 3.0  # the out-of-cap user: this many times the lr cap
     notes: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-DEFAULT = Plan("default")
-QUICK = Plan("quick", seeds=(0, 1), base_steps=60, base_batch=16, recogniser_epochs=2, mask_steps=10,
-             bootstrap_steps=5, budgets=(0.3,), baselines=(), user_lr=1e-3, user_steps=2, curve_at=(2, 4),
-             lr_sweep=(), lora_lrs=(1e-3,), samples=16, sample_steps=2, heldout_draws=1, grid_images=8)
+# Every guard at the service's caps (lr 1e-4, 100 steps, batch 16, LoRA rank 8): the headline suite.
+DEFAULT = Plan("default", kind="caps", budgets=(0.3,), baselines=(), lr_sweep=(), lora_lrs=())
+# The tensor-mask study (the paper's guard: budgets, baselines, lr sweep, LoRA at 10x lr).
+TENSORS = Plan("tensors")
+QUICK = Plan("quick", kind="caps", seeds=(0, 1), base_steps=60, base_batch=16, recogniser_epochs=2, mask_steps=10,
+             bootstrap_steps=5, budgets=(0.3,), baselines=(), user_lr=1e-3, user_steps=2, curve_at=(1, 2, 4),
+             lr_sweep=(), lora_lrs=(), samples=16, sample_steps=2, heldout_draws=1, grid_images=8,
+             lock_budgets=(0.3,), lock_rounds=2, cap_lora_rank=2)
 # The investigation: mask-learning levers at the headline budget (run with --suite explore).
 EXPLORE = Plan("explore", budgets=(0.3,), baselines=(), lr_sweep=(), lora_lrs=(), curve_at=(25, 50, 100),
                extra_masks=(
@@ -61,7 +74,7 @@ EXPLORE = Plan("explore", budgets=(0.3,), baselines=(), lr_sweep=(), lora_lrs=()
                    {"label": "oracle-tensors", "source": "oracle"},
                    {"label": "oracle-rows", "granularity": "rows", "source": "oracle"},
                ))
-PLANS = {"default": DEFAULT, "quick": QUICK, "explore": EXPLORE}
+PLANS = {"default": DEFAULT, "quick": QUICK, "tensors": TENSORS, "explore": EXPLORE}
 
 
 def mask_specs(plan: Plan) -> list[tuple[str, MaskSpec, bool]]:
@@ -70,7 +83,7 @@ def mask_specs(plan: Plan) -> list[tuple[str, MaskSpec, bool]]:
     for b in plan.budgets:
         out.append(("learned", MaskSpec("learned", b, seed=plan.mask_seed), False))
         out.append(("random", MaskSpec("random", b), True))
-    if plan.name == "default":
+    if plan.name == "tensors":
         h = plan.headline
         out.append(("learned", MaskSpec("learned", h, by="tensors", seed=plan.mask_seed), False))
         out.append(("random", MaskSpec("random", h, by="tensors"), True))

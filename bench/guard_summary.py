@@ -50,6 +50,20 @@ def where_frozen(mask, unet) -> dict[str, dict[str, float]]:
     return out
 
 
+def where_locked(lock, unet) -> dict[str, dict[str, float]]:
+    """Locked degrees of freedom per kind of tensor, as a share of its matrix parameters."""
+    out: dict[str, dict[str, float]] = {}
+    for n, p in unet.named_parameters():
+        if p.dim() < 2:
+            continue
+        c = out.setdefault(category(n), {"locked": 0, "total": 0})
+        c["total"] += p.numel()
+        c["locked"] += lock.locks[n].dof if n in lock else 0
+    for c in out.values():
+        c["share"] = c["locked"] / c["total"] if c["total"] else 0.0
+    return out
+
+
 def _cmp_row(label: str, c: dict[str, Any], mask_stats: dict | None = None) -> dict[str, Any]:
     ill, leg = c["illegal"], c["legal"]
     return {"condition": label,

@@ -48,6 +48,7 @@ class Job:
     eval_at: tuple[int, ...]
     seed: int
     method: str = "full"
+    lora_rank: int = 4  # LoRA users: rank (alpha = rank, i.e. scaling 1)
     samples: int = 200
     sample_steps: int = 10
     heldout_draws: int = 4
@@ -99,7 +100,7 @@ def run_job(job: Job) -> dict[str, Any]:
     """Fine-tune, evaluating at each of ``job.eval_at``; returns the curve (and images)."""
     from efficacy import heldout_loss, recognise
     from rowmask import RowMask
-    from simusers import UserBudget, user_trainer
+    from simusers import LockedGuard, UserBudget, user_trainer
 
     from freezeasguard.engine.guard.mask import FreezeMask
     from freezeasguard.engine.model.encode import encode_dataset
@@ -108,12 +109,15 @@ def run_job(job: Job) -> dict[str, Any]:
     world, base = _STATE["world"], _STATE["base"]
     rec, report = _STATE["rec"]
     guard = None
-    if job.mask:
+    if job.mask and "directions" in job.granularity:
+        guard = LockedGuard.load(job.mask, base.unet)
+    elif job.mask:
         guard = RowMask.load(job.mask) if job.granularity == "rows" else FreezeMask.from_file(job.mask, base.unet)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         budget = UserBudget(max(job.eval_at), job.lr, job.batch_size, job.seed)
-        trainer, info = user_trainer(base, world.user_train[job.domain], guard, budget, tmp, method=job.method)
+        trainer, info = user_trainer(base, world.user_train[job.domain], guard, budget, tmp, method=job.method,
+                                     lora_rank=job.lora_rank, lora_alpha=float(job.lora_rank))
         held = encode_dataset(trainer.c, world.user_heldout[job.domain])
         prompt = world.prompts[job.domain]
         curve, images = [], None
@@ -140,7 +144,8 @@ def run_job(job: Job) -> dict[str, Any]:
                      for n, p in base.unet.named_parameters())
             info["rows_verified"] = ok
     info.update(seconds=time.perf_counter() - t0, train_seconds=train_s,
-                verified=None if verify is None else verify.ok)
+                verified=None if verify is None else verify.ok,
+                verify=None if verify is None else verify.summary())
     return {"job": dataclasses.asdict(job), "curve": curve, "info": info, "images": images}
 
 

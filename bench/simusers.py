@@ -9,8 +9,12 @@
   in the optimizer, the gradients of frozen rows are zeroed before clipping (so the clip norm
   counts trainable entries only, as the engine's does), and after every step the frozen rows are
   written back from the base bit for bit (AdamW's weight decay would otherwise move them);
+* a ``LockedGuard`` (a manifest with direction locks, optionally with a tensor mask): the engine's
+  own path, ``freeze.mode=engine`` with that manifest (updates of locked tensors projected in the
+  step, the lock proven after the job);
 * ``method='lora'``: peft adapters on the modules the policy allows, i.e. those none of whose
-  own tensors (for a row mask: rows) is frozen; every base tensor stays fixed.
+  own tensors (for a row mask: rows) is frozen; every base tensor stays fixed. Under a lock the
+  adapters of locked modules are projected (``B`` off ``U``, ``A`` off ``V``) after every step.
 
 The caller drives ``trainer.fit(steps)`` in stages and evaluates in between.
 """
@@ -30,6 +34,7 @@ from freezeasguard.engine.config import resolve
 from freezeasguard.engine.errors import FreezeAsGuardError
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.guard.subspace import SubspaceLock
 from freezeasguard.engine.model.components import Components
 from freezeasguard.engine.model.data import ImageDataset
 from freezeasguard.engine.optim.groups import param_groups
@@ -37,7 +42,22 @@ from freezeasguard.engine.service.lora import LoraWiring, resolve_lora_targets
 from freezeasguard.engine.service.spec import DEFAULT_LORA_TARGETS, LoraSpec
 from freezeasguard.engine.train.trainer import Trainer
 
-Guard = FreezeMask | RowMask | None
+
+@dataclass(frozen=True)
+class LockedGuard:
+    """A manifest with direction locks: its file (the locks file beside it), mask and lock."""
+
+    manifest: str
+    mask: FreezeMask
+    lock: SubspaceLock
+
+    @classmethod
+    def load(cls, path: str | Path, unet: nn.Module) -> "LockedGuard":
+        man = Manifest.load(path)
+        return cls(str(path), man.mask(unet), man.load_lock(path))
+
+
+Guard = FreezeMask | RowMask | LockedGuard | None
 
 
 class UserError(FreezeAsGuardError, ValueError):
@@ -109,6 +129,8 @@ def lora_modules(unet: nn.Module, guard: Guard, targets: Sequence[str] = DEFAULT
     """Modules matching ``targets`` that the policy lets a LoRA job adapt under ``guard``."""
     if guard is None:
         mask = FreezeMask.from_names(unet, [])
+    elif isinstance(guard, LockedGuard):
+        mask = guard.mask  # locked modules may take an adapter (projected); frozen ones may not
     elif isinstance(guard, RowMask):
         names = [n for n, _ in unet.named_parameters()]
         mask = FreezeMask.from_names(unet, guard.touched(names))  # any frozen row refuses the module
@@ -149,7 +171,14 @@ def user_trainer(base: Components, dataset: ImageDataset, guard: Guard, budget: 
         info["lora_modules"] = len(mods)
         if not mods:
             raise UserError("no module is open to LoRA under this guard")
-        wiring = LoraWiring(mods, LoraSpec(rank=lora_rank, alpha=lora_alpha), cfg.train)
+        if isinstance(guard, LockedGuard):
+            wiring = LoraWiring(mods, LoraSpec(rank=lora_rank, alpha=lora_alpha), cfg.train,
+                                manifest=Manifest.load(guard.manifest), lock=guard.lock)
+        else:
+            wiring = LoraWiring(mods, LoraSpec(rank=lora_rank, alpha=lora_alpha), cfg.train)
+    elif isinstance(guard, LockedGuard):
+        over += ["freeze.mode=engine", f"freeze.manifest={guard.manifest}"]
+        cfg = resolve(overrides=over)
     elif isinstance(guard, FreezeMask):
         path = work / "manifest.json"
         Manifest.build(comps.unet, guard, provenance={"method": "bench"}).save(path)
@@ -162,5 +191,7 @@ def user_trainer(base: Components, dataset: ImageDataset, guard: Guard, budget: 
     else:
         cfg = resolve(overrides=over)
     trainer = Trainer(cfg, components=comps, dataset=dataset, wiring=wiring)
+    if isinstance(wiring, LoraWiring) and wiring.guard is not None:
+        trainer.guard = wiring.guard  # the frozen tensors and the lock are proven after the job
     info["trainable_params"] = sum(p.numel() for _, p in trainer.named_trainable)
     return trainer, info

@@ -55,3 +55,24 @@ def test_bench_masklearn_suite(tmp_path):
     assert [row["step"].split()[0] for row in data["rows"]] == ["plain", "simulated-user", "mask", "average"]
     assert all(row["ms"] > 0 for row in data["rows"])
     assert data["raw"]["tensors"] == 208
+
+
+@pytest.mark.slow
+def test_bench_lock_suite_counts_the_bases_and_proves_the_locks(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "lock", "--preset", "tiny", "--resolution",
+                        "16", "--steps", "2", "--warmup", "1", "--batch", "8", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["scenario"]: row for row in json.loads((tmp_path / "lock.json").read_text())["rows"]}
+    plain, out, inp = rows["engine@0%"], rows["engine+lock30%out@0%"], rows["engine+lock30%in@0%"]
+    assert plain["locked_dof"] == 0 and plain["lock_bases_mib"] == 0
+    for row in (out, inp, rows["engine+lock30%out@30%"]):
+        assert row["verify_ok"] and "locked tensors within tolerance" in row["verify"]
+        assert row["locked_dof"] > 0 and row["lock_bases_mib"] > 0 and row["lock_transient_mib"] > 0
+        # the ledger counts the bases in the static memory, and nothing else changed
+        assert row["static_mib"] == pytest.approx(rows["engine@" + row["scenario"].split("@")[1]]["static_mib"]
+                                                  + row["lock_bases_mib"], rel=1e-9)
+        assert row["static_vs_unlocked"] > 1 and row["time_vs_unlocked"] > 0
+    # the same loss at step 0 (the lock changes updates, not the forward pass of the base)
+    assert out["losses"][0] == plain["losses"][0]
+    assert "lock bases MiB" in (tmp_path / "lock.md").read_text()

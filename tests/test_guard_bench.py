@@ -11,59 +11,69 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow
+def _rate(run, step):
+    return next(c["rate"] for c in run["curve"] if c["step"] == step)
+
+
 def test_quick_suite_end_to_end(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))  # bench/run.py does the same before dispatching
+    from efficacy import mitigation
     from guard import main
+    from guard_caps import guards
+    from guard_plan import QUICK
 
     out = tmp_path / "out"
     assert main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out), "--workers", "1",
                  "--no-progress"]) == 0
     res = json.loads((out / "guard.json").read_text())
-    assert res["suite"] == "quick" and res["plan"]["seeds"] == [0, 1]
+    assert res["suite"] == "quick" and res["plan"]["seeds"] == [0, 1] and res["plan"]["kind"] == "caps"
     assert 0.0 <= res["recogniser"]["accuracy"] <= 1.0 and res["recogniser"]["n_test"] > 0
     settings = [s["name"] for s in res["settings"]]
     assert settings == ["same", "diff"]
-    # every run has a full curve of finite numbers, and guarded jobs proved their freeze
-    assert len(res["runs"]) > 10
+    # every run has a full curve of finite numbers, and every guarded job proved its guard (locks included)
+    assert len(res["runs"]) > 40
     for r in res["runs"]:
         assert [c["step"] for c in r["curve"]] == sorted(r["job"]["eval_at"])
         for c in r["curve"]:
             assert 0.0 <= c["rate"] <= 1.0 and 0.0 <= c["mean_prob"] <= 1.0 and c["heldout_loss"] > 0
             assert c["n"] == res["plan"]["samples"]
-        if r["job"]["mask"] and r["job"]["method"] == "full" and r["job"]["granularity"] == "tensors":
-            assert r["info"]["verified"] is True
-    # the summary pairs guarded and full runs by seed for both domains
+        if r["job"]["mask"] and (r["job"]["method"] == "full" or "directions" in r["job"]["granularity"]):
+            assert r["info"]["verified"] is True, r["job"]
+        if "directions" in r["job"]["granularity"]:
+            assert "locked tensors within tolerance" in r["info"]["verify"]
+    labels = [g[0] for g in guards(QUICK)]
+    assert {"mask", "lock 30%", "mask + lock 30%", "lock 30% one-shot", "random subspace 30%"} == set(labels)
     for name in settings:
         s = res["summary"]["settings"][name]
-        rows = {row["condition"]: row for row in s["headline"]}
-        assert {"full", "random", "learned"} <= set(rows)
-        # every seed pairs on the mean probability (always > 0); on the recognition rate a seed pairs
-        # exactly when its full fine-tuning recognised something (else the ratio is undefined, not 0)
-        assert rows["learned"]["mitigation_prob"]["n"] == 2 and rows["learned"]["legal_impact_prob"]["n"] == 2
-        for metric, role in (("mitigation", "illegal"), ("legal_impact", "legal")):
-            dom = s["setting"][role]
-            step = res["plan"]["user_steps"]
-            ref = {r["job"]["seed"]: next(c["rate"] for c in r["curve"] if c["step"] == step)
-                   for r in res["runs"] if r["job"]["condition"] == "full" and r["job"]["domain"] == dom
-                   and r["job"]["method"] == "full" and r["job"]["lr"] == res["plan"]["user_lr"]
-                   and step in r["job"]["eval_at"]}
-            assert sorted(ref) == [0, 1]
-            reached = sum(rate > 0 for rate in ref.values())
-            assert rows["learned"][metric]["n"] == reached, (name, metric)
-        m = rows["learned"]["mitigation"]["values"]
-        full = [r for r in res["runs"] if r["job"]["condition"] == "full" and r["job"]["domain"] ==
-                s["setting"]["illegal"] and r["job"]["method"] == "full" and r["job"]["lr"] == res["plan"]["user_lr"]]
-        assert full and isinstance(m[0], (float, str))
-        assert 0.29 <= rows["learned"]["frozen_params"] <= 0.3
-        assert any(a["condition"].startswith("LoRA") for a in s["adaptive"])
-        # each learned mask says how far its soft mask was from the exported hard one
-        conv = s["convergence"]
-        assert conv and all(0.0 <= c["agreement"] <= 1.0 and c["spread"] >= 0.0 for c in conv.values())
+        rows = {row["condition"]: row for row in s["rows"]}
+        assert set(rows) == {"full", *labels}
+        assert 0.29 <= rows["mask"]["frozen_params"] <= 0.3 and rows["mask"]["locked_matrix_share"] == 0
+        assert 0.25 <= rows["lock 30%"]["locked_matrix_share"] <= 0.31 and rows["lock 30%"]["frozen_params"] == 0
+        assert 0.29 <= rows["mask + lock 30%"]["frozen_params"] <= 0.3
+        assert 0 < rows["mask + lock 30%"]["locked_matrix_share"] < rows["lock 30%"]["locked_matrix_share"]
+        # mitigation at the caps, recomputed from the runs: the best admitted user with and without the guard
+        st = s["setting"]
+        cap, u = res["plan"]["user_lr"], res["plan"]["user_steps"]
+        users = [(cap, "full"), (cap * res["plan"]["lr_fraction"], "full"), (cap, "lora")]
+        want = []
+        for seed in (0, 1):
+            def best(cond):
+                return max(_rate(r, u) for r in res["runs"] if r["job"]["condition"] == cond
+                           and r["job"]["domain"] == st["illegal"] and r["job"]["seed"] == seed
+                           and (r["job"]["lr"], r["job"]["method"]) in users
+                           and (cond == "full" or r["job"]["setting"] == name))
+            m = mitigation(best("lock 30%"), best("full"))
+            if m == m:  # nan when no admitted unguarded user recognised anything: no pair
+                want.append(m)
+        got = rows["lock 30%"]["mitigation_at_caps"]
+        assert got["n"] == len(want)
+        assert [round(v, 9) for v in got["values"]] == [round(v, 9) for v in want]
+        # the lock learner's rounds are reported
+        assert s["rounds"] and all(len(v) in (1, 2) for v in s["rounds"].values())
     md = (out / "guard.md").read_text()
-    assert "Setting 'same'" in md and "mitigation" in md and "Did the learned soft masks converge?" in md
+    assert "Setting 'same'" in md and "mitigation at caps" in md and "Lock learning" in md
     # a smoke run says so and gives no verdict on numbers too small to carry one
-    assert "**Smoke run**" in md and "(met)" not in md and "(missed)" not in md and "Targets" not in md
-    assert all(s["targets"] == {} for s in res["summary"]["settings"].values())
+    assert "**Smoke run**" in md and " met" not in md and "missed" not in md and "Targets" not in md
     for name in settings:
         assert (out / f"curves_{name}.png").stat().st_size > 1000
         assert (out / f"samples_{name}.png").stat().st_size > 500
@@ -72,7 +82,7 @@ def test_quick_suite_end_to_end(tmp_path, monkeypatch):
     assert main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out2), "--workers", "1",
                  "--no-progress"]) == 0
     again = json.loads((out2 / "guard.json").read_text())
-    assert again["summary"]["settings"]["same"]["headline"] == res["summary"]["settings"]["same"]["headline"]
+    assert again["summary"]["settings"]["same"]["rows"] == res["summary"]["settings"]["same"]["rows"]
 
     # the logit-optimizer diagnostic runs on the suite's base
     from guard_optim import main as optim_main
@@ -104,3 +114,18 @@ def test_world_from_an_image_folder_keeps_targets_out_of_pretraining(tmp_path, m
     assert not {r.file_name for r in w.publisher["five"].records} & {r.file_name for r in w.user_train["five"].records}
     assert "eight" not in w.publisher and len(w.user_train["eight"]) + len(w.user_heldout["eight"]) == 174
     assert w.prompts["five"] == "a photo of the digit five"
+
+
+def test_the_tensor_mask_study_keeps_its_plan(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from guard_plan import PLANS, jobs, mask_specs
+    from guard_setup import Setting
+
+    plan = PLANS["tensors"]
+    assert plan.kind == "tensors" and plan.budgets == (0.1, 0.3, 0.5)
+    specs = mask_specs(plan)
+    assert any(sp.by == "tensors" for _, sp, _ in specs) and {"magnitude", "saliency"} <= {lb for lb, _, _ in specs}
+    st = [Setting("same", "five", "six", "eight", "same kind"), Setting("diff", "five", "background", "face",
+                                                                       "different kind")]
+    js = jobs(plan, st, lambda s, sp: f"{s.name}/{sp.name}")
+    assert len(js) > 100 and {j.method for j in js} == {"full", "lora"}

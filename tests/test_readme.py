@@ -63,20 +63,27 @@ def test_first_run_end_to_end_as_written(tmp_path):
             ran.append((cmd, out))
     assert len(ran) >= 14
     for f in ("three.png", "mask.json", "mask.random.json", "mask.png", "policy.yaml", "runs/base/final/unet",
-              "runs/ft/final/unet", "runs/guarded/final/unet", "runs/jobs/my-eights/delta.safetensors"):
+              "runs/ft/final/unet", "runs/guarded/final/unet", "runs/jobs/my-eights/delta.safetensors",
+              "runs/lock/manifest.json", "runs/lock/manifest.locks.safetensors", "runs/lock/report.png",
+              "runs/locked/final/unet", "runs/jobs/my-eights-locked/delta.safetensors"):
         assert (tmp_path / f).exists(), f
     said = {cmd.split()[1]: out.stdout for cmd, out in ran}
     assert "bit-identical" in said["verify"] and "chain intact" in said["audit"]
+    assert "locked tensors within tolerance" in said["verify"]  # the last verify: the locked run
+    assert "locks_checked" in (tmp_path / "runs/jobs/my-eights-locked/record.json").read_text()
     assert "resumed from step 2" in [out.stdout for cmd, out in ran if "--resume" in cmd][0]
 
 
 @pytest.mark.slow
 def test_python_api_example_as_written(tmp_path, monkeypatch):
-    (code,) = [t for lang, t in _blocks("Python API") if lang == "python"]
+    code, lock_code = [t for lang, t in _blocks("Python API") if lang == "python"]
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(_fewer_steps(code), "README.md", "exec"), scope)  # noqa: S102 - the README's own example
     assert scope["trainer"].verify_frozen().ok and (tmp_path / "runs" / "api" / "final" / "unet").is_dir()
+    exec(compile(_fewer_steps(lock_code), "README.md", "exec"), scope)  # noqa: S102 - its lock example
+    report = scope["trainer"].verify_frozen()
+    assert report.ok and report.locks_checked == len(scope["learned"].lock) > 0
 
 
 def test_no_placeholder_is_left_in_the_readme():
