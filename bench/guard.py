@@ -160,8 +160,10 @@ def run_suite(plan, args, work: Path, progress: bool) -> dict[str, Any]:
         masks.setdefault(s.name, {})[sp.name] = {"label": label, "path": str(path), "spec": dataclasses.asdict(sp),
                                                  "stats": _mask_stats(m, base.unet)}
         info = mk.root / f"{sp.name}.info.json"
-        if info.is_file() and "convergence" in (made := json.loads(info.read_text())):
-            masks[s.name][sp.name]["convergence"] = made["convergence"]
+        made = json.loads(info.read_text()) if info.is_file() else {}
+        for key in ("convergence", "rounds"):  # how a learned mask converged; what each lock round captured
+            if key in made:
+                masks[s.name][sp.name][key] = made[key]
 
     def mask_path(setting, spec) -> str:
         owner = world.settings[0] if spec.source == "random" else setting

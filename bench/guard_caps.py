@@ -27,7 +27,7 @@ from typing import Any
 
 from efficacy import Stat, mitigation, steps_to_reach
 from guard_masks import MaskSpec
-from guard_report import Table, at_step, jsonable, plot_curves, sample_grid
+from guard_report import Table, at_step, plot_curves, sample_grid, write_results
 from guard_selectivity import markdown as selectivity_markdown
 from guard_users import Job
 
@@ -125,7 +125,6 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
     p = _PlanView(plan)
     users = {"cap": (cap, "full"), "cautious": (cap * plan["lr_fraction"], "full"), "lora": (cap, "lora")}
     out: dict[str, Any] = {"settings": {}}
-    mask_of = {}
     for st in res["settings"]:
         name = st["name"]
         masks = {**res["masks"].get(res["settings"][0]["name"], {}), **res["masks"].get(name, {})}
@@ -178,8 +177,6 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
                 stt.values = vals
                 row[f"steps_to_50_{role}"] = stt
             rows.append(row)
-            if label == "mask":
-                mask_of[name] = row["mitigation_at_caps"].mean
         out["settings"][name] = {"setting": st, "rows": rows, "targets": _targets(rows),
                                  "curves": _curves(t, name, st, p, seeds, cap),
                                  "rounds": {m["label"]: res["masks"][name][k].get("rounds")
@@ -301,31 +298,20 @@ def markdown(res: dict[str, Any], summ: dict[str, Any]) -> str:
 
 
 def write_outputs(res: dict[str, Any], out: Path) -> list[Path]:
-    from common import conditions
 
-    from freezeasguard.engine.io import atomic_write_json, atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     summ = summarise(res)
     paths = []
     for name, s in summ["settings"].items():
-        panels = [{"title": f"{name}: {role} ({s['setting'][role]})",
-                   "lines": {lb: [{"step": c["step"], "rate": c["rate"]} for c in pts] for lb, pts in lines.items()}}
+        panels = [{"title": f"{name}: {role} ({s['setting'][role]})", "lines": lines}
                   for role, lines in s["curves"].items()]
         p = out / f"curves_{name}.png"
         plot_curves(panels, p, f"recognition vs steps of the cap user (lr {res['plan']['user_lr']:g}); "
                                f"the step cap is {res['plan']['user_steps']}")
         paths.append(p)
         paths.append(_grid(res, name, s, out / f"samples_{name}.png"))
-    runs = [{k: v for k, v in r.items() if k != "images"} for r in res["runs"]]
-    base = {**res["base"], "eval": {d: {k: v for k, v in e.items() if k != "images"}
-                                    for d, e in res["base"]["eval"].items()}}
-    payload = {**{k: v for k, v in res.items() if k not in ("runs", "base")}, "base": base,
-               "conditions": conditions(suite=res["suite"], workers=res.get("workers"), threads=res.get("threads")),
-               "summary": summ, "targets": TARGETS, "runs": runs}
-    paths.append(atomic_write_json(out / "guard.json", jsonable(payload)))
-    paths.append(atomic_write_text(out / "guard.md", markdown(res, summ)))
-    return paths
+    return paths + write_results(res, summ, TARGETS, markdown(res, summ), out)
 
 
 def _grid(res: dict[str, Any], name: str, s: dict[str, Any], path: Path) -> Path:

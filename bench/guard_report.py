@@ -225,3 +225,19 @@ def jsonable(obj: Any) -> Any:
 
 def _num(v: float) -> float | str:
     return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
+
+
+def write_results(res: dict[str, Any], summ: dict[str, Any], targets: dict[str, Any], md: str,
+                  out: Path) -> list[Path]:
+    """guard.json (every number, its conditions, every run without its images) and guard.md."""
+    from common import conditions
+
+    from freezeasguard.engine.io import atomic_write_json, atomic_write_text
+
+    runs = [{k: v for k, v in r.items() if k != "images"} for r in res["runs"]]
+    base = {**res["base"], "eval": {d: {k: v for k, v in e.items() if k != "images"}
+                                    for d, e in res["base"]["eval"].items()}}
+    payload = {**{k: v for k, v in res.items() if k not in ("runs", "base")}, "base": base,
+               "conditions": conditions(suite=res["suite"], workers=res.get("workers"), threads=res.get("threads")),
+               "summary": summ, "targets": targets, "runs": runs}
+    return [atomic_write_json(out / "guard.json", jsonable(payload)), atomic_write_text(out / "guard.md", md)]

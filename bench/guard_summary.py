@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from guard_report import Table, compare, curve_stats, jsonable, plot_curves, sample_grid, steps_to_half
+from guard_report import Table, compare, curve_stats, plot_curves, sample_grid, steps_to_half, write_results
 
 TARGETS = {"mitigation": 0.40, "vs_random": 1.3, "legal_impact": 0.05}
 
@@ -280,9 +280,7 @@ def markdown(res: dict[str, Any], summ: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------ outputs
 def write_outputs(res: dict[str, Any], out: Path) -> list[Path]:
     """guard.json (every number, its conditions, every run), guard.md, curves and sample grids."""
-    from common import conditions
 
-    from freezeasguard.engine.io import atomic_write_json, atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     summ = summarise(res)
@@ -295,15 +293,7 @@ def write_outputs(res: dict[str, Any], out: Path) -> list[Path]:
         plot_curves(panels, p, f"recognition rate vs user steps, {round(100 * res['plan']['headline'])}% budget")
         paths.append(p)
         paths.append(_grid(res, name, s, out / f"samples_{name}.png"))
-    runs = [{k: v for k, v in r.items() if k != "images"} for r in res["runs"]]
-    base = {**res["base"], "eval": {d: {k: v for k, v in e.items() if k != "images"}
-                                    for d, e in res["base"]["eval"].items()}}
-    payload = {**{k: v for k, v in res.items() if k not in ("runs", "base")}, "base": base,
-               "conditions": conditions(suite=res["suite"], workers=res.get("workers"), threads=res.get("threads")),
-               "summary": summ, "targets": TARGETS, "runs": runs}
-    paths.append(atomic_write_json(out / "guard.json", jsonable(payload)))
-    paths.append(atomic_write_text(out / "guard.md", markdown(res, summ)))
-    return paths
+    return paths + write_results(res, summ, TARGETS, markdown(res, summ), out)
 
 
 def _grid(res: dict[str, Any], name: str, s: dict[str, Any], path: Path) -> Path:

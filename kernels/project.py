@@ -16,6 +16,11 @@ from __future__ import annotations
 import torch
 
 
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """A weight as the matrix a lock acts on: ``out x (in * k * k)`` (a view where possible)."""
+    return t.reshape(t.shape[0], -1)
+
+
 def _check(d: torch.Tensor, out: torch.Tensor | None, inp: torch.Tensor | None) -> None:
     if d.dim() not in (2, 3):
         raise ValueError(f"updates must be [m, n] or [G, m, n], got shape {tuple(d.shape)}")

@@ -27,16 +27,12 @@ from safetensors import safe_open
 from freezeasguard.engine.errors import ManifestError
 from freezeasguard.engine.guard.hashing import NamedTensors, named_tensors, tensor_sha256
 from freezeasguard.engine.io import save_safetensors_atomic
-from freezeasguard.kernels.project import locked_energy
+from freezeasguard.kernels.project import as_matrix, locked_energy
 
 LOCKS_FORMAT = "freezeasguard.locks/1"
 SIDES = ("out", "in")
 ORTHONORMAL_TOL = 1e-4  # max |B^T B - I| a basis may show (fp32 QR gives ~1e-6)
 UNIT_ROUNDOFF = 2.0 ** -24  # fp32
-
-
-def as_matrix(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1)
 
 
 def residual_tolerance(steps: int, base_norm: float, delta_norm: float) -> float:

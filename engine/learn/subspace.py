@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,13 +253,3 @@ def learn_lock(cfg: LockLearnConfig, out: str | Path, *, components: Components 
     plot_lock(rep, out / "report.png")
     return LockResult(lock, manifest, rounds, out, rep)
 
-
-def energy_share(lock: SubspaceLock, deltas: dict[str, torch.Tensor]) -> float:
-    """Share of a fine-tune's update energy (over the locked tensors) along the locked directions."""
-    e, tot = 0.0, 0.0
-    for n, lk in lock.locks.items():
-        d = deltas.get(n)
-        if d is not None:
-            e += lk.energy(d.reshape(lk.shape))
-            tot += float(d.double().square().sum())
-    return e / tot if tot else math.nan

@@ -20,15 +20,10 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from freezeasguard.kernels.project import project_off_
+from freezeasguard.kernels.project import as_matrix, project_off_
 
 Bases = Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]]
 DEFAULT_CHUNK_NUMEL = 1 << 26  # 256 MiB of fp32 transient per chunk
-
-
-def as_matrix(t: torch.Tensor) -> torch.Tensor:
-    """A weight as the matrix a lock acts on: ``out x (in * k * k)`` (a view)."""
-    return t.reshape(t.shape[0], -1)
 
 
 def group_key(shape: Sequence[int], bases: tuple[torch.Tensor | None, torch.Tensor | None]) -> tuple:
@@ -97,7 +92,6 @@ class LockGroups:
             run.append(item)
         flush()
         self.groups = groups
-        self.start = groups[0].start if groups else 0
         self.end = groups[-1].start + groups[-1].numel if groups else 0
         self.chunks = self._chunks(max(1, int(chunk_numel)))
 
