@@ -171,6 +171,7 @@ class Runner:
             f = self.cache / f"{key}.pt"
             if f.is_file():
                 results[i] = torch.load(f, weights_only=False)
+                results[i]["cached"] = True
             else:
                 todo.append((i, j, f))
         bar = None
