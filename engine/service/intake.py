@@ -31,8 +31,8 @@ def _hash_files(root: Path, names: list[str]) -> dict[str, str]:
     return {n: file_sha256(root / n) for n in ["metadata.jsonl", *dict.fromkeys(names)]}
 
 
-def review_dataset(spec: JobSpec, resolution: int,
-                    problems: list[str]) -> tuple[ImageDataset | None, dict[str, str]]:
+def review_dataset(spec: JobSpec, resolution: int, problems: list[str],
+                   policy=None) -> tuple[ImageDataset | None, dict[str, str]]:
     """Load the dataset, report every unreadable image/line, and hash the files it was built from.
 
     Files are hashed before and after decoding: a file swapped while the job was being reviewed

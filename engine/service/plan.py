@@ -154,7 +154,7 @@ def plan_job(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLi
             problems.append(f"the base model's resolution {comps.resolution} exceeds the policy cap "
                             f"max_resolution {policy.max_resolution}")
         resolution = comps.resolution
-    dataset, files = review_dataset(spec, resolution, problems) if resolution else (None, {})
+    dataset, files = review_dataset(spec, resolution, problems, policy) if resolution else (None, {})
 
     cfg = None
     if not extra_problems(spec.train.extra, policy):  # else reported by spec_problems already

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -81,6 +82,20 @@ class Policy:
     """Allowed train.optimizer values."""
     signature: SignaturePolicy = field(default_factory=SignaturePolicy)
     """How manifests must be signed."""
+    log_key_file: str | None = None
+    """The service's own signing key (Ed25519 private PEM or HMAC secret; relative to the policy
+    file's folder): every job-log entry is signed with it, so a log cannot be rewritten unnoticed
+    by whoever can write the file but does not hold this key."""
+    max_images: int = 10_000
+    """Most images (metadata lines) a job's dataset may hold."""
+    max_image_pixels: int = 4096 * 4096
+    """Most pixels (width x height, read from the header before decoding) of one image."""
+    max_image_bytes: int = 32 << 20
+    """Largest image file in bytes."""
+    max_metadata_bytes: int = 16 << 20
+    """Largest metadata.jsonl in bytes."""
+    max_review_seconds: float = 600.0
+    """Longest the service spends reading a dataset before refusing it."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,6 +121,12 @@ class Policy:
             (bool(self.optimizers) and set(self.optimizers) <= {"adamw", "adamw8bit"},
              "optimizers must be a non-empty subset of ['adamw', 'adamw8bit']"),
             (self.signature.algorithm in ALGORITHMS, f"signature.algorithm must be one of {list(ALGORITHMS)}"),
+            (self.max_images >= 1, "max_images must be >= 1"),
+            (self.max_image_pixels >= 1, "max_image_pixels must be >= 1"),
+            (self.max_image_bytes >= 1, "max_image_bytes must be >= 1"),
+            (self.max_metadata_bytes >= 1, "max_metadata_bytes must be >= 1"),
+            (math.isfinite(self.max_review_seconds) and self.max_review_seconds > 0,
+             "max_review_seconds must be a finite number > 0"),
         ]
         return [msg for ok, msg in checks if not ok]
 
@@ -122,6 +143,9 @@ class Policy:
         kf = policy.signature.key_file
         if kf and root is not None and not Path(kf).is_absolute():
             policy.signature.key_file = str(root / kf)
+        lk = policy.log_key_file
+        if lk and root is not None and not Path(lk).is_absolute():
+            policy.log_key_file = str(root / lk)
         return policy
 
     @classmethod
@@ -130,15 +154,15 @@ class Policy:
         return cls.from_dict(load_file(path), source=f"policy {str(path)!r}", root=path.parent)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the policy as YAML, atomically; ``signature.key_file`` relative to its folder."""
+        """Write the policy as YAML, atomically; key files relative to its folder."""
         path = Path(path)
         data = self.to_dict()
-        kf = data["signature"]["key_file"]
-        if kf:  # resolved on both sides, as load() joins it to the policy's real folder
-            try:
-                data["signature"]["key_file"] = os.path.relpath(Path(kf).resolve(), path.resolve().parent)
-            except ValueError:  # another drive: keep it absolute
-                data["signature"]["key_file"] = str(Path(kf).resolve())
+        for node, key in ((data["signature"], "key_file"), (data, "log_key_file")):
+            if node[key]:  # resolved on both sides, as load() joins it to the policy's real folder
+                try:
+                    node[key] = os.path.relpath(Path(node[key]).resolve(), path.resolve().parent)
+                except ValueError:  # another drive: keep it absolute
+                    node[key] = str(Path(node[key]).resolve())
         return atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
