@@ -90,3 +90,34 @@ def file_sha256(path: str | os.PathLike) -> str:
 def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     data = _safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     return atomic_write_bytes(path, data)
+
+
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename ``src`` to ``dst``, failing with FileExistsError if ``dst`` exists (even an empty
+    folder, which a plain rename would silently replace). Uses Linux's renameat2(RENAME_NOREPLACE)
+    where the C library has it; elsewhere a check right before the rename."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        fn = None
+    if fn is not None:
+        at_fdcwd = -100
+        if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            _fsync_dir(Path(dst).parent)
+            return
+        err = ctypes.get_errno()
+        if err == 17:  # EEXIST
+            raise FileExistsError(err, os.strerror(err), dst)
+        if err not in (22, 38, 95):  # EINVAL / ENOSYS / EOPNOTSUPP: fall back
+            raise OSError(err, os.strerror(err), src)
+    if os.path.lexists(dst):
+        raise FileExistsError(17, "File exists", dst)
+    os.rename(src, dst)
+    _fsync_dir(Path(dst).parent)

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -110,3 +111,29 @@ def test_cached_latents_are_contiguous():
     c = build_components("tiny", space="latent", resolution=16)
     enc = encode_dataset(c, D.digits_dataset(16, classes=[2]))
     assert enc.mean.is_contiguous() and enc.std.is_contiguous()
+
+
+def test_long_thin_image_is_resized_within_bounds(tmp_path, monkeypatch):
+    # Resizing the short side first would make a 20000x1 strip 1.28M x 64 pixels (an aspect-ratio
+    # bomb); only the square kept is resampled, with the result of resize-then-crop.
+    root = tmp_path / "thin"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    Image.new("RGB", (20000, 1), (200, 0, 0)).save(root / "thin.png")
+    Image.fromarray(rng.integers(0, 256, (10, 200, 3), dtype=np.uint8)).save(root / "noise.png")
+    rows = [{"file_name": "thin.png", "text": "a line"}, {"file_name": "noise.png", "text": "noise"}]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sizes, resize = [], Image.Image.resize
+
+    def spy(self, size, *a, **k):
+        sizes.append(size)
+        return resize(self, size, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    ds = D.load_image_folder(root, 64)
+    assert max(w * h for w, h in sizes) <= 16 * 64 * 64
+    assert ds.images.shape == (2, 3, 64, 64) and int(ds.images[0, 0, 32, 32]) == 200
+    small = D.load_image_folder(root, 8).images[1]  # 160x8 resized: the box path too
+    img = Image.open(root / "noise.png").resize((160, 8), Image.Resampling.BICUBIC).crop((76, 0, 84, 8))
+    old = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    assert (small.int() - old.int()).abs().max() <= 1

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from freezeasguard.engine.cli.main import main as cli_main
-from freezeasguard.engine.guard.hashing import model_fingerprint
+from freezeasguard.engine.guard.hashing import model_fingerprint, model_folder_fingerprint
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
 from freezeasguard.engine.io import file_sha256
@@ -16,10 +16,11 @@ from freezeasguard.engine.model.components import build_components, load_compone
 from freezeasguard.engine.model.data import digits_dataset, write_image_folder
 from freezeasguard.engine.service.audit import audit_jobs
 from freezeasguard.engine.service.delta import load_delta, merge_delta
+from freezeasguard.engine.service.joblog import read_entries
 from freezeasguard.engine.service.plan import plan_job
 from freezeasguard.engine.service.policy import Policy
 from freezeasguard.engine.service.run import DELTA_FILE, RECORD_FILE, run_job
-from freezeasguard.engine.service.signing import new_ed25519_key, new_hmac_key, save_key, sign_manifest
+from freezeasguard.engine.service.signing import load_key, new_ed25519_key, new_hmac_key, save_key, sign_manifest
 
 # The publisher's mask for these tests: the first down block's and the mid block's attention.
 FROZEN = ["down_blocks.0.attentions.*", "mid_block.attentions.*", "conv_in.*"]
@@ -37,6 +38,18 @@ class Publisher:
     manifest: Manifest
     mask: FreezeMask
     base_state: dict
+
+    def write_policy(self, path: Path | None = None, **over) -> Path:
+        """The policy pinning this base folder and accepting this publisher's manifest (with overrides)."""
+        policy = {"base_fingerprint": self.manifest.base_fingerprint,
+                  "model_fingerprint": model_folder_fingerprint(self.base), "manifests": [self.manifest.digest()],
+                  "max_lr": 1e-3, "max_steps": 50, "max_batch_size": 8, "max_resolution": 64,
+                  "log_key_file": str(self.root / "keys" / "service.key"),
+                  "signature": {"algorithm": "hmac-sha256", "key_file": str(self.root / "keys" / "publisher.key")},
+                  **over}
+        path = path or self.policy_path
+        path.write_text(yaml.safe_dump(policy))
+        return path
 
     def spec(self, path: Path, **overrides) -> Path:
         """Write a job spec (3 full fine-tuning steps on the digits folder) with overrides."""
@@ -57,12 +70,11 @@ def publish(root: Path, n_images: int = 8) -> Publisher:
     save_key(key, root / "keys" / "publisher.key")
     manifest = sign_manifest(Manifest.build(c.unet, mask, provenance={"method": "patterns"}), key)
     manifest.save(root / "manifest.json")
-    policy = {"base_fingerprint": model_fingerprint(c.unet), "max_lr": 1e-3, "max_steps": 50,
-              "max_batch_size": 8, "max_resolution": 64,
-              "signature": {"algorithm": "hmac-sha256", "key_file": "keys/publisher.key"}}
-    (root / "policy.yaml").write_text(yaml.safe_dump(policy))
-    return Publisher(root, root / "base", root / "data", root / "manifest.json", root / "policy.yaml",
-                     manifest, mask, {n: p.detach().clone() for n, p in c.unet.named_parameters()})
+    save_key(new_hmac_key(), root / "keys" / "service.key")  # the service's log signing key
+    pub = Publisher(root, root / "base", root / "data", root / "manifest.json", root / "policy.yaml",
+                    manifest, mask, {n: p.detach().clone() for n, p in c.unet.named_parameters()})
+    pub.write_policy()
+    return pub
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +116,12 @@ def test_full_job_runs_proves_and_records(pub, tmp_path):
     assert json.loads((out / RECORD_FILE).read_text()) == r == result.log_entry["record"]
     assert json.loads((out / "config.json").read_text())["config"] == r["config"]  # final paths
     report = audit_jobs(tmp_path / "jobs.jsonl", outputs=True)
-    assert report.ok and report.records == 1 and report.head == result.log_entry["hash"]
+    # Two records: the intent ("started", before training) and the completion.
+    assert report.ok and report.records == 2 and report.head == result.log_entry["hash"]
+    assert [e["record"]["status"] for _, e in read_entries(tmp_path / "jobs.jsonl")] == ["started", "completed"]
+    signed = audit_jobs(tmp_path / "jobs.jsonl", outputs=True, key=load_key(pub.root / "keys" / "service.key"),
+                        manifest_key_id=pub.manifest.signature["key_id"])
+    assert signed.ok and signed.signatures_checked
 
     # Merging the delta reproduces the trained model; the base's frozen tensors stay.
     merged = merge_delta(pub.base_state, delta, pub.manifest, meta)
@@ -113,7 +130,7 @@ def test_full_job_runs_proves_and_records(pub, tmp_path):
 
 def test_lora_job_trains_adapters_only_and_merges_exactly(pub, tmp_path):
     spec = pub.spec(tmp_path / "job.json", method="lora",
-                    lora={"rank": 2, "alpha": 4.0, "targets": LORA_TARGETS})
+                    lora={"rank": 2, "alpha": 4.0, "targets": LORA_TARGETS}, train={"lr": 5e-4})
     plan = _plan(pub, tmp_path, spec)
     assert len(plan.lora_modules) == 8  # to_q and to_v of attn1/attn2 in both up attentions
     result = run_job(plan)
@@ -150,11 +167,13 @@ def test_lora_job_trains_adapters_only_and_merges_exactly(pub, tmp_path):
 def test_ed25519_signed_manifest_is_accepted_with_the_public_key(pub, tmp_path):
     key = new_ed25519_key()
     save_key(key, tmp_path / "pub.key.pem", public_path=tmp_path / "public.pem")
-    sign_manifest(pub.manifest, key).save(tmp_path / "m.json")
+    signed = sign_manifest(pub.manifest, key)
+    signed.save(tmp_path / "m.json")
     policy = Policy.load(pub.policy_path)
-    policy.signature.algorithm = "ed25519"
+    policy.signature.algorithm, policy.signature.key_file = "ed25519", str(tmp_path / "public.pem")
+    policy.manifests = [signed.digest()]
     plan = plan_job(pub.spec(tmp_path / "job.yaml"), policy, manifest=tmp_path / "m.json", base=pub.base,
-                    out=tmp_path / "out", log_path=tmp_path / "jobs.jsonl", key_file=tmp_path / "public.pem")
+                    out=tmp_path / "out", log_path=tmp_path / "jobs.jsonl")
     assert plan.config.freeze.mode == "engine" and len(plan.dataset) == 8
     assert not (tmp_path / "out").exists() and not (tmp_path / "jobs.jsonl").exists()  # plans write nothing
 
@@ -169,8 +188,8 @@ def test_cli_submit_and_audit(pub, tmp_path, capsys):
     spec = pub.spec(tmp_path / "job.yaml", train={"steps": 1})
     assert _call(["job", "submit", spec, *common, "--out", tmp_path / "a"]) == 0
     assert f"all {len(pub.mask.frozen)} frozen tensors are bit-identical" in capsys.readouterr().out
-    assert _call(["audit", tmp_path / "jobs.jsonl", "--outputs"]) == 0
-    assert "1 record(s), chain intact" in capsys.readouterr().out
+    assert _call(["audit", tmp_path / "jobs.jsonl", "--outputs", "--policy", pub.policy_path]) == 0
+    assert "2 record(s), chain intact" in capsys.readouterr().out
 
     over = pub.spec(tmp_path / "over.yaml", train={"lr": 0.1})
     assert _call(["job", "submit", over, *common, "--out", tmp_path / "b"]) == 2
@@ -205,21 +224,28 @@ def test_policy_init_pins_the_base_and_refuses_the_wrong_key(tmp_path):
     manifest = sign_manifest(Manifest.build(c.unet, FreezeMask.from_patterns(c.unet, FROZEN),
                                             provenance={"method": "patterns"}), key)
     manifest.save(tmp_path / "m.json")
+    save_key(new_hmac_key(), tmp_path / "keys" / "service.key")
     cli = [sys.executable, "-m", "freezeasguard.engine.cli", "policy", "init", "--manifest", str(tmp_path / "m.json"),
-           "--base", str(tmp_path / "base"), "--out", str(tmp_path / "pol" / "policy.yaml")]
+           "--base", str(tmp_path / "base"), "--out", str(tmp_path / "pol" / "policy.yaml"),
+           "--log-key", str(tmp_path / "keys" / "service.key")]
     ok = subprocess.run([*cli, "--key-file", str(tmp_path / "keys" / "k.pem")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     policy = Policy.load(tmp_path / "pol" / "policy.yaml")
     assert policy.base_fingerprint == model_fingerprint(c.unet) and policy.text_encoder_fingerprint
+    assert policy.model_fingerprint == model_folder_fingerprint(tmp_path / "base")
+    assert policy.manifests == [manifest.digest()]
     assert Path(policy.signature.key_file).resolve() == (tmp_path / "keys" / "k.pem").resolve()  # relative, reloads
     assert yaml.safe_load((tmp_path / "pol" / "policy.yaml").read_text())["signature"]["key_file"] == "../keys/k.pem"
     again = subprocess.run([*cli, "--key-file", str(tmp_path / "keys" / "k.pem")], capture_output=True, text=True)
     assert again.returncode == 2 and "refusing to replace a policy" in again.stderr
     from freezeasguard.engine.errors import SignatureError
 
+    kw = {"log_key_file": tmp_path / "keys" / "service.key"}
     with pytest.raises(SignatureError, match="private Ed25519 key"):
-        policy_for(manifest, tmp_path / "keys" / "k.key")
+        policy_for(manifest, tmp_path / "keys" / "k.key", tmp_path / "base", **kw)
     other = new_ed25519_key()
     save_key(other, tmp_path / "o.key", public_path=tmp_path / "o.pem")
     with pytest.raises(SignatureError, match="does not verify"):
-        policy_for(manifest, tmp_path / "o.pem")
+        policy_for(manifest, tmp_path / "o.pem", tmp_path / "base", **kw)
+    with pytest.raises(SignatureError, match="only a public key"):
+        policy_for(manifest, tmp_path / "keys" / "k.pem", tmp_path / "base", log_key_file=tmp_path / "o.pem")

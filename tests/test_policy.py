@@ -46,7 +46,8 @@ def manifest(unet, mask):
 
 
 def _policy(unet, **kw):
-    data = {"base_fingerprint": model_fingerprint(unet), "signature": {"key_file": "k.pem"}}
+    data = {"base_fingerprint": model_fingerprint(unet), "model_fingerprint": "1" * 64, "manifests": ["2" * 64],
+            "log_key_file": "service.key", "signature": {"key_file": "k.pem"}}
     data.update(kw)
     return Policy.from_dict(data)
 
@@ -141,9 +142,12 @@ def test_spec_and_policy_files(tmp_path, unet):
     assert spec.lora.rank == 8 and spec.train.extra == {"warmup_steps": 2}
     assert spec.data.path == str(tmp_path / "imgs")  # relative to the spec file
     (tmp_path / "policy.yaml").write_text(f"base_fingerprint: {model_fingerprint(unet)}\n"
+                                          f"model_fingerprint: '{'1' * 64}'\nmanifests: ['{'2' * 64}']\n"
+                                          "log_key_file: keys/service.key\n"
                                           "signature: {algorithm: hmac-sha256, key_file: keys/p.key}\n")
     pol = Policy.load(tmp_path / "policy.yaml")
     assert pol.signature.key_file == str(tmp_path / "keys/p.key")
+    assert pol.log_key_file == str(tmp_path / "keys/service.key")
     assert len(pol.digest()) == 64
     with pytest.raises(ConfigError, match="base_fingerprint"):
         Policy.from_dict({"signature": {"key_file": "k"}})
@@ -209,7 +213,7 @@ def test_lora_on_frozen_module_is_refused(unet, mask):
 
 # ------------------------------------------------------------------------------- base pinning
 def test_base_pin_and_manifest_binding(unet, manifest):
-    policy = _policy(unet)
+    policy = _policy(unet, manifests=[manifest.digest()])
     fp, problems = base_problems(policy, manifest, unet)
     assert fp == policy.base_fingerprint and problems == []
     changed = {n: p.detach().clone() for n, p in unet.named_parameters()}
@@ -217,14 +221,17 @@ def test_base_pin_and_manifest_binding(unet, manifest):
     changed[name].view(-1)[0] += 1.0
     _, problems = base_problems(policy, manifest, changed)
     assert len(problems) == 1 and "modified or replaced" in problems[0]
-    other = _policy(unet, base_fingerprint="0" * 64)
+    other = _policy(unet, base_fingerprint="0" * 64, manifests=[manifest.digest()])
     _, problems = base_problems(other, manifest, unet)
     assert len(problems) == 2 and "the manifest was made for base" in problems[1]
+    _, problems = base_problems(_policy(unet), manifest, unet)
+    assert problems == [f"manifest {manifest.digest()[:16]}... is not one the policy accepts (policy manifests): "
+                        "a job runs only under a manifest the policy lists"]
 
 
 def test_text_encoder_can_be_pinned_too(unet, manifest):
     text_encoder = torch.nn.Linear(3, 3)
-    policy = _policy(unet, text_encoder_fingerprint=model_fingerprint(text_encoder))
+    policy = _policy(unet, text_encoder_fingerprint=model_fingerprint(text_encoder), manifests=[manifest.digest()])
     assert base_problems(policy, manifest, unet, text_encoder)[1] == []
     with torch.no_grad():
         text_encoder.weight[0, 0] += 1.0

@@ -9,7 +9,7 @@ import yaml
 from test_jobs import FROZEN_ATTN as ATTN
 from test_jobs import LORA_TARGETS, publish
 
-from freezeasguard.engine.errors import JobError, MergeError, PolicyViolation
+from freezeasguard.engine.errors import ConfigError, JobError, MergeError, PolicyViolation
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
 from freezeasguard.engine.io import save_safetensors_atomic
@@ -143,7 +143,7 @@ def test_no_publisher_key(pub, tmp_path):
     policy = yaml.safe_load(pub.policy_path.read_text())
     del policy["signature"]["key_file"]
     (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
-    with pytest.raises(PolicyViolation, match="publisher key: none given"):
+    with pytest.raises(ConfigError, match="signature.key_file must name the publisher's verification key"):
         submit(pub.spec(tmp_path / "job.yaml"), tmp_path / "policy.yaml", manifest=pub.manifest_path,
                base=pub.base, out=tmp_path / "out", log_path=tmp_path / "jobs.jsonl")
     assert not (tmp_path / "out").exists() and not (tmp_path / "jobs.jsonl").exists()
@@ -164,9 +164,11 @@ def test_every_violation_is_named_at_once(pub, tmp_path):
         assert part in text, part
 
 
-def _delta(tmp_path, tensors, **meta):
+def _delta(pub, tmp_path, tensors, **meta):
     path = tmp_path / "delta.safetensors"
-    save_safetensors_atomic(tensors, path, metadata={"format": DELTA_FORMAT, **meta})
+    provenance = {"job_id": "redteam", "base_fingerprint": pub.manifest.base_fingerprint,
+                  "manifest_digest": pub.manifest.digest()}
+    save_safetensors_atomic(tensors, path, metadata={"format": DELTA_FORMAT, **provenance, **meta})
     return load_delta(path)
 
 
@@ -175,28 +177,28 @@ def test_delta_that_would_change_a_frozen_tensor_is_not_merged(pub, tmp_path):
     frozen, free = f"{ATTN}.to_q.weight", "up_blocks.1.resnets.0.conv1.weight"
     keep = {n: t.clone() for n, t in base.items()}
 
-    delta, meta = _delta(tmp_path, {free: base[free] + 0.1, frozen: base[frozen] + 0.1,
-                                    "text_model.embeddings.token_embedding.weight": torch.zeros(3, 3)},
-                         method="full")
+    delta, meta = _delta(pub, tmp_path, {free: base[free] + 0.1, frozen: base[frozen] + 0.1,
+                                         "text_model.embeddings.token_embedding.weight": torch.zeros(3, 3)},
+                              method="full")
     with pytest.raises(MergeError) as err:
         merge_delta(base, delta, pub.manifest, meta)
     assert f"'{frozen}' is frozen by the manifest; the delta would change it" in str(err.value)
     assert "'text_model.embeddings.token_embedding.weight' is not a tensor of the base" in str(err.value)
 
     w = base[frozen]
-    delta, meta = _delta(tmp_path, {f"{ATTN}.to_q.lora_A.weight": torch.ones(2, w.shape[1]),
-                                    f"{ATTN}.to_q.lora_B.weight": torch.ones(w.shape[0], 2)},
-                         method="lora", lora_rank="2", lora_alpha="2.0")
+    delta, meta = _delta(pub, tmp_path, {f"{ATTN}.to_q.lora_A.weight": torch.ones(2, w.shape[1]),
+                                         f"{ATTN}.to_q.lora_B.weight": torch.ones(w.shape[0], 2)},
+                              method="lora", lora_rank="2", lora_alpha="2.0")
     with pytest.raises(MergeError, match=f"module '{ATTN}.to_q' has frozen tensor"):
         merge_delta(base, delta, pub.manifest, meta)
     assert all(torch.equal(base[n], keep[n]) for n in base)  # refusals leave the base as it was
 
-    delta, meta = _delta(tmp_path, {free: base[free] + 0.1}, method="full", manifest_digest="0" * 64)
+    delta, meta = _delta(pub, tmp_path, {free: base[free] + 0.1}, method="full", manifest_digest="0" * 64)
     with pytest.raises(MergeError, match="trained under a different manifest"):
         merge_delta(base, delta, pub.manifest, meta)
 
     # An unchanged copy of a frozen tensor is not a change; the free tensor merges.
-    delta, meta = _delta(tmp_path, {free: base[free] + 0.1, frozen: base[frozen].clone()}, method="full")
+    delta, meta = _delta(pub, tmp_path, {free: base[free] + 0.1, frozen: base[frozen].clone()}, method="full")
     merged = merge_delta(base, delta, pub.manifest, meta)
     assert torch.equal(merged[free], base[free] + 0.1) and torch.equal(merged[frozen], base[frozen])
 
@@ -214,7 +216,7 @@ def one_job(pub, tmp_path_factory):
 def test_job_log_with_one_record_edited(one_job, tmp_path):
     log = tmp_path / "jobs.jsonl"
     shutil.copy(one_job / "jobs.jsonl", log)
-    assert audit_jobs(log).ok and audit_jobs(log).records == 2
+    assert audit_jobs(log).ok and audit_jobs(log).records == 4  # started + completed, twice
     entries = [e for _, e in read_entries(log)]
     # Claim different training data for the first job.
     files = entries[0]["record"]["dataset"]["files"]
@@ -241,7 +243,8 @@ def test_training_that_changed_a_frozen_tensor_is_not_published(pub, tmp_path, m
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "jobs.jsonl"]  # no staging left over
     # The failure itself is on the record.
-    (entry,) = [e for _, e in read_entries(tmp_path / "jobs.jsonl")]
+    started, entry = [e for _, e in read_entries(tmp_path / "jobs.jsonl")]
+    assert started["record"]["status"] == "started"
     assert entry["record"]["status"] == "failed" and entry["record"]["output"] is None
     assert entry["record"]["error"].startswith("JobError: job ")
     assert f"'{ATTN}.to_v.weight': bytes differ" in entry["record"]["verify"]["failures"][0]

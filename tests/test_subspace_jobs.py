@@ -61,6 +61,7 @@ def pub(tmp_path_factory):
     man.save(pub.manifest_path, lock=lock)
     pub = dataclasses.replace(pub, manifest=man)
     pub.lock = lock
+    pub.write_policy()  # the policy accepts the locked manifest (and only it)
     return pub
 
 
@@ -115,7 +116,7 @@ def test_a_locked_full_job_runs_proves_its_locks_and_publishes_them(pub, full_jo
 # ------------------------------------------------------------------------------- 8. LoRA job
 def test_a_lora_job_on_locked_modules_is_accepted_and_its_merge_respects_the_locks(pub, tmp_path):
     spec = pub.spec(tmp_path / "job.json", method="lora", train={"steps": STEPS},
-                    lora={"rank": 2, "alpha": 4.0, "targets": [*LORA_TARGETS, CONV_TARGET]})
+                    lora={"rank": 2, "alpha": 2.0, "targets": [*LORA_TARGETS, CONV_TARGET]})
     plan = _plan(pub, tmp_path, spec)
     locked = [m for m in plan.lora_modules if f"{m}.weight" in pub.lock]
     assert len(plan.lora_modules) == 9 and CONV_TARGET in plan.lora_modules
@@ -206,7 +207,7 @@ def test_a_job_whose_lock_enforcement_is_broken_fails_and_publishes_nothing(pub,
     # full: FlatAdamW.step -> LockGroups.project_chunk_ -> optim.project.project_off_; LoRA: the step
     # hooks of register_lock_hooks -> the same optim.project.project_off_ (the name both call)
     monkeypatch.setattr(project, "project_off_", lambda d, out=None, inp=None: d)
-    extra = {} if method == "full" else {"method": "lora", "lora": {"rank": 2, "alpha": 4.0, "targets": LORA_TARGETS}}
+    extra = {} if method == "full" else {"method": "lora", "lora": {"rank": 2, "alpha": 2.0, "targets": LORA_TARGETS}}
     plan = _plan(pub, tmp_path, pub.spec(tmp_path / "job.yaml", name="broken", train={"steps": STEPS}, **extra))
     n_locks = len(pub.lock) if method == "full" else len(plan.lora_modules)
     with pytest.raises(JobError, match="the guard could not be proven") as err:
@@ -214,8 +215,8 @@ def test_a_job_whose_lock_enforcement_is_broken_fails_and_publishes_nothing(pub,
     assert "moved along locked directions" in str(err.value) and "nothing was published" in str(err.value)
     assert not (tmp_path / "out").exists()
     entries = [e for _, e in read_entries(tmp_path / "jobs.jsonl")]
-    assert len(entries) == 1
-    rec = entries[0]["record"]
+    assert [e["record"]["status"] for e in entries] == ["started", "failed"]
+    rec = entries[1]["record"]
     assert rec["status"] == "failed" and rec["output"] is None and "guard could not be proven" in rec["error"]
     assert rec["verify"]["ok"] is False and rec["verify"]["locks_checked"] == n_locks
     assert rec["verify"]["failures"] and all("locked-direction residual" in f for f in rec["verify"]["failures"])

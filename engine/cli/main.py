@@ -144,25 +144,37 @@ def _service_commands(sub) -> None:
     s.add_argument("--base", required=True, help="base model folder (Stable Diffusion layout)")
     s.add_argument("--out", help="job output folder (default runs/jobs/<job id>; must not exist)")
     s.add_argument("--log", help="hash-chained job log (default: jobs.jsonl next to the output folder)")
-    s.add_argument("--key-file", help="manifest verification key (overrides the policy's)")
     _command(s, "service:cmd_job_submit")
 
     pol = sub.add_parser("policy", help="the publisher's job policy")
     psub = pol.add_subparsers(dest="policy_command", required=True)
-    s = psub.add_parser("init", help="write a policy that pins a manifest's base model, with the default caps")
-    s.add_argument("--manifest", required=True, help="the signed manifest (its base fingerprint is pinned)")
+    s = psub.add_parser("init", help="write a policy that pins the base model folder and the manifests jobs may "
+                                     "run under, with the default caps")
+    s.add_argument("--manifest", required=True, action="append",
+                   help="a signed manifest jobs may run under (repeat for several; all for the same base)")
     s.add_argument("--key-file", required=True, help="key that verifies manifest signatures (ed25519: the public half)")
-    s.add_argument("--base", help="the base model folder: checked against the manifest, its text encoder pinned too")
+    s.add_argument("--log-key", required=True,
+                   help="the service's own key that signs every job-log entry (ed25519 private key or hmac secret)")
+    s.add_argument("--base", required=True, help="the base model folder: every file pinned, checked against the "
+                                                 "manifests, its text encoder pinned too")
     s.add_argument("--out", required=True, help="policy file to write (YAML; must not exist)")
     s.add_argument("--max-lr", type=float)
     s.add_argument("--max-steps", type=int)
     s.add_argument("--max-batch-size", type=int)
+    s.add_argument("--min-guard-share", type=float,
+                   help="least share of the UNet's parameters a manifest must freeze or lock")
     _command(s, "service:cmd_policy_init")
 
-    s = sub.add_parser("audit", help="verify a job log's hash chain and records")
+    s = sub.add_parser("audit", help="verify a job log's hash chain, signatures and records")
     s.add_argument("log", help="job log (JSONL)")
     s.add_argument("--outputs", action="store_true", help="also re-hash every recorded delta file")
-    s.add_argument("--head", help="expected hash of the newest record (anchors the tail)")
+    s.add_argument("--head", help="expected hash of the newest record, kept elsewhere (anchors the tail: "
+                                  "detects the newest records being deleted)")
+    keys = s.add_mutually_exclusive_group()
+    keys.add_argument("--key", metavar="FILE", help="the service's log verification key (its public Ed25519 PEM "
+                                                    "or the HMAC secret); without it signatures are not checked")
+    keys.add_argument("--policy", metavar="FILE", help="the service policy: verify with its log_key_file and "
+                                                       "require its signature.key_file's key id on every manifest")
     _command(s, "proof:cmd_audit")
 
 

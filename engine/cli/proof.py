@@ -7,12 +7,13 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from freezeasguard.engine.errors import JobLogError, ManifestError
+from freezeasguard.engine.errors import ConfigError, JobLogError, ManifestError, SignatureError
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.subspace import lock_residuals
 from freezeasguard.engine.guard.verify import verify_frozen
 from freezeasguard.engine.service import signing
 from freezeasguard.engine.service.audit import audit_jobs
+from freezeasguard.engine.service.policy import Policy
 from freezeasguard.engine.service.signing import load_key, sign_manifest
 
 _SHOWN = 20  # detail lines printed per kind; the counts say how many there are
@@ -84,11 +85,37 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok and other is None else 1
 
 
+def _audit_keys(args: argparse.Namespace) -> tuple[signing.Key | None, str | None, list[str]]:
+    """(log verification key, expected manifest key id, notes) from ``--key`` or ``--policy``."""
+    if getattr(args, "policy", None):
+        policy = Policy.load(args.policy)
+        if not policy.log_key_file:
+            raise ConfigError(f"policy {args.policy!r} names no log_key_file: its service does not sign the job "
+                              "log, so no signature can be checked (pass --key, or set log_key_file)")
+        notes = []
+        kid = None
+        if policy.signature.key_file:
+            kid = load_key(policy.signature.key_file, policy.signature.algorithm).key_id
+        else:
+            notes.append("manifest key ids NOT checked: the policy names no signature.key_file")
+        return load_key(policy.log_key_file), kid, notes
+    if getattr(args, "key", None):
+        return load_key(args.key), None, []
+    return None, None, []
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     try:
-        report = audit_jobs(args.log, outputs=args.outputs, expect_head=args.head)
-    except JobLogError as exc:
+        key, manifest_kid, notes = _audit_keys(args)
+        report = audit_jobs(args.log, outputs=args.outputs, expect_head=args.head, key=key,
+                            manifest_key_id=manifest_kid)
+    except (JobLogError, SignatureError, ConfigError) as exc:
         print(f"freezeasguard audit: error: {exc}", file=sys.stderr)
         return 2
-    print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
+    out = sys.stdout if report.ok else sys.stderr
+    if manifest_kid is not None:
+        notes.append(f"every job's manifest must be signed by the publisher key {manifest_kid}")
+    for note in notes:
+        print(note, file=out)
+    print(report.summary(), file=out)
     return 0 if report.ok else 1

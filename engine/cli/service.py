@@ -5,7 +5,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from freezeasguard.engine.errors import ConfigError, JobError, JobLogError, PolicyViolation
+from freezeasguard.engine.errors import (
+    ConfigError,
+    JobError,
+    JobLogError,
+    ManifestError,
+    ModelError,
+    PolicyViolation,
+    SignatureError,
+)
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.model.components import load_components
 from freezeasguard.engine.service.policy import policy_for
@@ -15,7 +23,7 @@ from freezeasguard.engine.service.run import RECORD_FILE, submit
 def cmd_job_submit(args: argparse.Namespace) -> int:
     try:
         result = submit(args.spec, args.policy, manifest=args.manifest, base=args.base, out=args.out,
-                        log_path=args.log, key_file=args.key_file, progress=True)
+                        log_path=args.log, progress=True)
     except (PolicyViolation, ConfigError) as exc:
         print(f"freezeasguard job submit: refused: {exc}", file=sys.stderr)
         return 2
@@ -34,16 +42,21 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
     if Path(args.out).exists():
         print(f"freezeasguard policy init: error: {args.out} exists; refusing to replace a policy", file=sys.stderr)
         return 2
-    manifest = Manifest.load(args.manifest)
-    te = None
-    if args.base:
+    try:
+        manifests = [Manifest.load(m) for m in args.manifest]
         base = load_components(args.base)
-        manifest.check_model(base.unet)  # the manifest must be for this very base
-        te = base.text_encoder
-    caps = {k: getattr(args, k) for k in ("max_lr", "max_steps", "max_batch_size") if getattr(args, k) is not None}
-    policy = policy_for(manifest, args.key_file, te, **caps)
+        for m in manifests:
+            m.check_model(base.unet)  # every manifest must be for this very base
+        caps = {k: getattr(args, k) for k in ("max_lr", "max_steps", "max_batch_size", "min_guard_share")
+                if getattr(args, k) is not None}
+        policy = policy_for(manifests, args.key_file, args.base, log_key_file=args.log_key,
+                            text_encoder=base.text_encoder, **caps)
+    except (ConfigError, ManifestError, SignatureError, ModelError) as exc:
+        print(f"freezeasguard policy init: error: {exc}", file=sys.stderr)
+        return 2
     policy.save(args.out)
-    print(f"policy written to {args.out}: base {policy.base_fingerprint[:16]}...,"
-          f"{' text encoder pinned,' if te is not None else ''} max_lr {policy.max_lr:g}, max_steps {policy.max_steps}, "
-          f"max_batch_size {policy.max_batch_size}, {policy.signature.algorithm} key {args.key_file}")
+    print(f"policy written to {args.out}: base folder {policy.model_fingerprint[:16]}... and UNet "
+          f"{policy.base_fingerprint[:16]}... pinned, {len(policy.manifests)} manifest(s) accepted, "
+          f"max_lr {policy.max_lr:g}, max_steps {policy.max_steps}, max_batch_size {policy.max_batch_size}, "
+          f"{policy.signature.algorithm} key {args.key_file}, log signed with {args.log_key}")
     return 0

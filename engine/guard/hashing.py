@@ -6,13 +6,16 @@ length-prefixed framing, so a manifest or a policy can pin "exactly this base mo
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
 from freezeasguard.engine.errors import ManifestError
+from freezeasguard.engine.io import file_sha256
 
 _FINGERPRINT_TAG = b"freezeasguard.fingerprint/1\x00"
 
@@ -87,3 +90,43 @@ def model_fingerprint(tensors: NamedTensors, *, digests: Mapping[str, str] | Non
     return _fingerprint(
         (n, dtype_name(t.dtype), tuple(t.shape), digests.get(n) or tensor_sha256(t))
         for n, t in named_tensors(tensors).items())
+
+
+_FOLDER_TAG = b"freezeasguard.model-folder/1\x00"
+# What load_components reads: every file of these component folders, and the folder's index.
+MODEL_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")
+MODEL_INDEX = "model_index.json"
+
+
+def model_folder_files(root: str | os.PathLike) -> dict[str, str]:
+    """SHA-256 of every file of a model folder that affects training or sampling, by relative path
+    (each component's weights and config, the tokenizer, the scheduler, ``model_index.json``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"model folder {str(root)!r} does not exist")
+    files: dict[str, str] = {}
+    if (root / MODEL_INDEX).is_file():
+        files[MODEL_INDEX] = file_sha256(root / MODEL_INDEX)
+    for comp in MODEL_COMPONENTS:
+        base = root / comp
+        if not base.exists():
+            continue
+        if not base.is_dir():
+            raise ManifestError(f"model folder {str(root)!r}: {comp!r} is not a folder")
+        for path in sorted(base.rglob("*")):
+            if path.is_dir():
+                continue
+            if not path.is_file():  # a FIFO, a socket, a dangling link: not a model file
+                raise ManifestError(f"model folder {str(root)!r}: {path.relative_to(root)} is not a regular file")
+            files[path.relative_to(root).as_posix()] = file_sha256(path)
+    return files
+
+
+def model_folder_fingerprint(root: str | os.PathLike, files: Mapping[str, str] | None = None) -> str:
+    """One SHA-256 over ``model_folder_files`` (path and content hash of each, length-prefixed)."""
+    files = model_folder_files(root) if files is None else files
+    h = hashlib.sha256(_FOLDER_TAG)
+    for name in sorted(files):
+        raw = name.encode("utf-8")
+        h.update(struct.pack("<Q", len(raw)) + raw + bytes.fromhex(files[name]))
+    return h.hexdigest()

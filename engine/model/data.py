@@ -10,21 +10,40 @@ Images are decoded once, resized (short side) and cropped to a square, and kept 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from sklearn.datasets import load_digits
 from tqdm import tqdm
 
 from freezeasguard.engine.errors import DatasetError
 from freezeasguard.engine.io import atomic_dir
+from freezeasguard.engine.model.folder_io import (  # noqa: F401  (OUTSIDE and the defaults are part of this API)
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGES,
+    DEFAULT_MAX_METADATA_BYTES,
+    DEFAULT_MAX_PIXELS,
+    IMAGE_FORMATS,
+    OUTSIDE,
+    _check_time,
+    _decode,
+    _Folder,
+    _metadata_lines,
+    _name_problem,
+    _plain,
+    _Refused,
+    _said,
+    _shown,
+)
 
 log = logging.getLogger("freezeasguard")
 
@@ -47,12 +66,14 @@ class ImageDataset:
         images: uint8 tensor [N, 3, R, R].
         records: one Record per image (file, caption, domain, metadata line).
         skipped: (file, line, reason) for each line skipped under ``skip_bad``.
+        files: SHA-256 of the bytes read (metadata.jsonl, each image) by load_image_folder.
     """
 
     images: torch.Tensor
     records: list[Record]
     source: str
     skipped: list[tuple[str, int, str]] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -95,86 +116,155 @@ def _to_square(img, resolution: int, center_crop: bool, rng: np.random.Generator
     w, h = img.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     if center_crop or rng is None:
         left, top = (nw - resolution) // 2, (nh - resolution) // 2
     else:
         left, top = int(rng.integers(0, nw - resolution + 1)), int(rng.integers(0, nh - resolution + 1))
-    img = img.crop((left, top, left + resolution, top + resolution))
+    if nw * nh <= 16 * resolution * resolution:
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        img = img.crop((left, top, left + resolution, top + resolution))
+    else:  # a long thin image: resample only the square kept, not the whole resized strip (unbounded)
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
+        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def load_image_folder(root: str | os.PathLike, resolution: int, *, caption_column: str = "text",
                       domains: Sequence[str] | None = None, known_domains: Sequence[str] | None = None,
-                      center_crop: bool = True, skip_bad: bool = False, seed: int = 0,
-                      progress: bool = False) -> ImageDataset:
-    """Read and validate an imagefolder with ``metadata.jsonl``.
+                      center_crop: bool = True, skip_bad: bool = False, seed: int = 0, progress: bool = False,
+                      max_images: int = DEFAULT_MAX_IMAGES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                      max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES, deadline: float | None = None,
+                      confine: bool = True, formats: Sequence[str] = IMAGE_FORMATS) -> ImageDataset:
+    """Read and validate an imagefolder with ``metadata.jsonl``, within bounds.
+
+    Every line is checked before any image is opened (JSON, caption, domain; the name resolved
+    inside the folder, a regular file of at most ``max_image_bytes``, listed once); then each image
+    is read once, hashed (``ImageDataset.files``), and refused over ``max_pixels`` from its header,
+    before it is decoded.
 
     Args:
-        root: the folder.
-        resolution: output side length in pixels.
         caption_column: the caption key of each metadata line.
         domains: keep only these domains; each must occur in the data.
         known_domains: if given, a line whose domain is not in it is an error.
         center_crop: center crop (else a seeded random crop, fixed at load time).
         skip_bad: skip bad lines and report them instead of raising.
+        max_images, max_metadata_bytes: most non-blank lines and bytes of metadata.jsonl.
+        max_pixels, max_image_bytes: most pixels (PIL's decompression-bomb limit applies too) and
+            bytes of one image.
+        deadline: a ``time.monotonic()`` value; reading past it is an error (None: no limit).
+        confine: refuse a name that leads out of ``root`` (``..``, absolute, a symlink out) before
+            anything is opened; nothing outside is looked at.
+        formats: the PIL formats an image may have.
     Raises:
-        DatasetError naming the file and line of the first problem (or of all, when several).
+        DatasetError naming the file and line of the first problem (or of all, when several); at
+        once, even under ``skip_bad``, past a bound of the whole dataset (lines, metadata bytes,
+        time) or at a file listed twice.
     """
     root = Path(root)
     meta = root / "metadata.jsonl"
-    if not root.is_dir():
+    try:
+        st = os.stat(root)
+    except (OSError, ValueError):
+        st = None
+    if st is None or not stat.S_ISDIR(st.st_mode):
         raise DatasetError(f"dataset folder {str(root)!r} does not exist")
-    if not meta.is_file():
-        raise DatasetError(f"{str(root)!r} has no metadata.jsonl (expected lines of "
-                           f'{{"file_name": ..., "{caption_column}": ..., "domain": ...}})')
-    rng = np.random.default_rng(seed)
-    records: list[Record] = []
-    images: list[torch.Tensor] = []
-    problems: list[tuple[str, int, str]] = []
-    lines = meta.read_text(encoding="utf-8").splitlines()
-    it: Iterable = enumerate(lines, start=1)
-    if progress:
-        it = tqdm(it, total=len(lines), desc=f"loading {root.name}", unit="img")
-    for lineno, line in it:
-        if not line.strip():
-            continue
-        where = f"{meta}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(("metadata.jsonl", lineno, f"{where}: not valid JSON ({e.msg})"))
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not row["file_name"]:
-            problems.append(("metadata.jsonl", lineno, f"{where}: missing 'file_name'"))
-            continue
-        fname = row["file_name"]
-        caption = row.get(caption_column)
-        domain = row.get("domain")
-        if not isinstance(caption, str) or not caption.strip():
-            problems.append((fname, lineno, f"{where}: {fname}: missing or empty caption '{caption_column}'"))
-            continue
-        if domain is not None and not isinstance(domain, str):
-            problems.append((fname, lineno, f"{where}: {fname}: 'domain' must be a string"))
-            continue
-        if known_domains is not None and domain not in known_domains:
-            problems.append((fname, lineno, f"{where}: {fname}: unknown domain {domain!r}; "
-                                            f"known: {sorted(known_domains)}"))
-            continue
-        if domains is not None and domain not in domains:
-            continue
-        path = root / fname
-        if not path.is_file():
-            problems.append((fname, lineno, f"{where}: image file {fname!r} not found"))
-            continue
-        try:
-            with Image.open(path) as img:
-                img.load()
-                images.append(_to_square(img, resolution, center_crop, rng))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            problems.append((fname, lineno, f"{where}: cannot decode image {fname!r}: {e}"))
-            continue
-        records.append(Record(fname, caption.strip(), domain, lineno))
+    try:
+        folder = _Folder(root, confine)
+    except OSError as e:
+        raise DatasetError(f"dataset folder {str(root)!r} cannot be read ({e.strerror})") from None
+    try:
+        rng = np.random.default_rng(seed)
+        problems: list[tuple[str, int, str]] = []
+        todo, seen, listed, digest = [], {}, 0, hashlib.sha256()
+        for lineno, raw in _metadata_lines(folder, root, meta, max_metadata_bytes, caption_column, digest):
+            where = f"{meta}:{lineno}"
+            _check_time(deadline, root, where)
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                line = None
+            if line is not None and not line.strip():
+                continue
+            listed += 1
+            if listed > max_images:
+                raise DatasetError(f"{meta}: lists more than {max_images} images (the cap)")
+            if line is None:
+                problems.append(("metadata.jsonl", lineno, f"{where}: not valid UTF-8"))
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                problems.append(("metadata.jsonl", lineno, f"{where}: not valid JSON ({getattr(e, 'msg', e)})"))
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not row["file_name"]:
+                problems.append(("metadata.jsonl", lineno, f"{where}: missing 'file_name'"))
+                continue
+            fname = row["file_name"]
+            caption = row.get(caption_column)
+            domain = row.get("domain")
+            if not isinstance(caption, str) or not caption.strip():
+                problems.append((fname, lineno, f"{where}: {_plain(fname)}: missing or empty caption "
+                                                f"'{caption_column}'"))
+                continue
+            if domain is not None and not isinstance(domain, str):
+                problems.append((fname, lineno, f"{where}: {_plain(fname)}: 'domain' must be a string"))
+                continue
+            if known_domains is not None and domain not in known_domains:
+                problems.append((fname, lineno, f"{where}: {_plain(fname)}: unknown domain {domain!r}; "
+                                                f"known: {sorted(known_domains)}"))
+                continue
+            if domains is not None and domain not in domains:
+                continue
+            if bad := _name_problem(fname):
+                problems.append((fname, lineno, f"{where}: file_name {_shown(fname)} is not a usable path ({bad})"))
+                continue
+            try:
+                parts, fst = folder.resolve(fname)
+            except _Refused as r:
+                problems.append((fname, lineno, _said(r, where, fname)))
+                continue
+            if not stat.S_ISREG(fst.st_mode):
+                problems.append((fname, lineno, f"{where}: image file {_shown(fname)} is not a regular file"))
+                continue
+            # the same file under two names (./a, sub/../a, a symlink, a hard link) is one file
+            for key in (parts, *([(fst.st_dev, fst.st_ino)] if fst.st_ino else [])):
+                if key in seen:
+                    first, line_first = seen[key]
+                    raise DatasetError(f"{where}: duplicate file_name {_shown(fname)} (the same file as "
+                                       f"{_shown(first)} on line {line_first})")
+                seen[key] = (fname, lineno)
+            if fst.st_size > max_image_bytes:
+                problems.append((fname, lineno, f"{where}: image file {_shown(fname)} is {fst.st_size} bytes, "
+                                                f"over the cap of {max_image_bytes} bytes"))
+                continue
+            todo.append((Record(fname, caption.strip(), domain, lineno), parts, fst))
+
+        records: list[Record] = []
+        images: list[torch.Tensor] = []
+        files = {"metadata.jsonl": digest.hexdigest()}
+        it: Iterable = todo
+        if progress:
+            it = tqdm(it, total=len(todo), desc=f"loading {root.name}", unit="img")
+        for rec, parts, fst in it:
+            where = f"{meta}:{rec.line}"
+            _check_time(deadline, root, where)
+            try:
+                data = folder.read(parts, fst, max_image_bytes)
+            except _Refused as r:
+                problems.append((rec.file_name, rec.line, _said(r, where, rec.file_name)))
+                continue
+            out = _decode(data, where, rec.file_name, max_pixels, formats,
+                          lambda img: _to_square(img, resolution, center_crop, rng))
+            if isinstance(out, str):
+                problems.append((rec.file_name, rec.line, out))
+                continue
+            images.append(out)
+            records.append(rec)
+            files[rec.file_name] = hashlib.sha256(data).hexdigest()
+    finally:
+        folder.close()
     if problems and not skip_bad:
         more = f" (and {len(problems) - 1} more problem(s); skip_bad=True skips them)" if len(problems) > 1 else ""
         raise DatasetError(problems[0][2] + more)
@@ -188,7 +278,27 @@ def load_image_folder(root: str | os.PathLike, resolution: int, *, caption_colum
                                f"{sorted(d for d in present if d is not None)}")
     if not records:
         raise DatasetError(f"{root}: the dataset is empty" + (" after skipping bad lines" if problems else ""))
-    return ImageDataset(torch.stack(images), records, str(root), skipped=problems)
+    return ImageDataset(torch.stack(images), records, str(root), skipped=problems, files=files)
+
+
+def folder_digests(root: str | os.PathLike, names: Iterable[str], *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                   deadline: float | None = None, confine: bool = True) -> dict[str, str | None]:
+    """SHA-256 of each named file of a folder, resolved and read as load_image_folder reads them
+    (None for one that cannot be read now). Raises DatasetError past ``deadline``."""
+    out: dict[str, str | None] = {}
+    folder = _Folder(Path(root), confine)
+    try:
+        for name in names:
+            _check_time(deadline, root, repr(name))
+            try:
+                parts, st = folder.resolve(name)
+                out[name] = hashlib.sha256(folder.read(parts, st, max_bytes)).hexdigest() \
+                    if stat.S_ISREG(st.st_mode) else None
+            except _Refused:
+                out[name] = None
+    finally:
+        folder.close()
+    return out
 
 
 def digits_dataset(resolution: int = 16, classes: Sequence[int] | None = None) -> ImageDataset:

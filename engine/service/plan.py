@@ -7,6 +7,7 @@ readability, the resolved training config). Every problem found is collected int
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import secrets
@@ -21,21 +22,24 @@ from freezeasguard.engine.errors import (
     PolicyViolation,
     SignatureError,
 )
+from freezeasguard.engine.guard.hashing import model_folder_files
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.subspace import SubspaceLock
 from freezeasguard.engine.model.components import Components, load_components
 from freezeasguard.engine.model.data import ImageDataset
+from freezeasguard.engine.service.caps import MAX_SEED
 from freezeasguard.engine.service.intake import review_dataset
 from freezeasguard.engine.service.joblog import tail_problem
 from freezeasguard.engine.service.lora import resolve_lora_targets
 from freezeasguard.engine.service.policy import (
     Policy,
     base_problems,
-    extra_problems,
+    folder_problems,
     manifest_signature_problems,
     spec_problems,
 )
-from freezeasguard.engine.service.signing import load_key
+from freezeasguard.engine.service.publish import claim_path
+from freezeasguard.engine.service.signing import Ed25519Key, Key, load_key
 from freezeasguard.engine.service.spec import JobSpec
 
 MANIFEST_FILE = "manifest.json"
@@ -60,6 +64,8 @@ class JobPlan:
     log: Path
     sources: dict[str, str] = field(default_factory=dict)  # spec / policy / manifest / base paths
     lock: SubspaceLock | None = None  # the manifest's direction locks, bases checked against its hashes
+    log_key: Key | None = None  # the service's key: signs every log entry of the job
+    model_files: dict[str, str] = field(default_factory=dict)  # the base folder's files as reviewed
 
 
 def _attempt(what: str, fn, problems: list[str]):
@@ -88,10 +94,26 @@ def _resolve_config(spec: JobSpec, base: str, resolution: int | None, out: Path,
     return cfg.validate()
 
 
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path``, every symlink resolved, lies inside ``root``: the answer is the same whether
+    or not anything exists outside, so refusing on it reveals nothing."""
+    p, r = os.path.realpath(path), os.path.realpath(root)
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+def _signing_key(path: str | None) -> Key:
+    if not path:
+        raise SignatureError("the policy names no log_key_file (the service's log signing key)")
+    key = load_key(path)
+    if isinstance(key, Ed25519Key) and key.private is None:
+        raise SignatureError(f"{path} holds only a public key; the service signs its log with the private one")
+    return key
+
+
 def plan_job(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLike, *,
              manifest: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike | None = None,
-             log_path: str | os.PathLike | None = None, key_file: str | os.PathLike | None = None,
-             job_id: str | None = None, progress: bool = False) -> JobPlan:
+             log_path: str | os.PathLike | None = None, job_id: str | None = None,
+             progress: bool = False) -> JobPlan:
     """Check a job against the policy before any work. Reads only; writes nothing.
 
     Args:
@@ -101,7 +123,6 @@ def plan_job(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLi
         base: the base model folder (Stable Diffusion layout).
         out: where the job folder will be published (default runs/jobs/<job_id>); must not exist.
         log_path: the job log (default: jobs.jsonl next to ``out``).
-        key_file: verification key; overrides the policy's ``signature.key_file``.
         progress: show a progress bar while the job trains (the command line does).
     Raises:
         PolicyViolation listing every problem found; ConfigError for an unparsable spec/policy.
@@ -119,21 +140,27 @@ def plan_job(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLi
     log_path = Path(log_path) if log_path is not None else out.parent / "jobs.jsonl"
 
     problems: list[str] = []
-    if out.exists():
+    if os.path.lexists(out):
         problems.append(f"output folder {str(out)!r} already exists; a job never overwrites results")
-    if log_path.exists() and (bad := tail_problem(log_path)):
+    elif os.path.lexists(claim_path(out)):
+        problems.append(f"output folder {str(out)!r} is claimed by another job")
+    # The keys come from the policy only: a job cannot bring its own.
+    key = _attempt("publisher key", lambda: load_key(policy.signature.key_file, policy.signature.algorithm), problems)
+    log_key = _attempt("service log key", lambda: _signing_key(policy.log_key_file), problems)
+    if log_path.exists() and (bad := tail_problem(log_path, log_key)):
         problems.append(f"job log {str(log_path)!r}: {bad}")
-    key_path = key_file or policy.signature.key_file
-    key = None
-    if key_path is None:
-        problems.append("publisher key: none given (set signature.key_file in the policy or pass --key-file)")
-    else:
-        key = _attempt("publisher key", lambda: load_key(key_path, policy.signature.algorithm), problems)
     man = _attempt("manifest", lambda: Manifest.load(manifest), problems)
     lock = _attempt("manifest locks", lambda: man.load_lock(manifest), problems) if man is not None else None
-    comps = _attempt("base model", lambda: load_components(base), problems)
+    files = _attempt("base model folder", lambda: model_folder_files(base), problems)
+    comps = _attempt("base model", lambda: load_components(base), problems) if files is not None else None
+    if comps is not None:  # the files hashed are the files loaded: hash them again after reading
+        after = _attempt("base model folder", lambda: model_folder_files(base), problems)
+        if after is not None and after != files:
+            problems.append("base model folder: files changed while being read")
+        problems += folder_problems(policy, files)
 
-    problems += spec_problems(spec, policy, man.mask() if man is not None else None)
+    spec_found = spec_problems(spec, policy, man.mask() if man is not None else None)
+    problems += spec_found
     if man is not None and key is not None:
         problems += manifest_signature_problems(man, key)
     fingerprint, lora_modules, lora_skipped = "", [], []
@@ -154,14 +181,22 @@ def plan_job(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLi
             problems.append(f"the base model's resolution {comps.resolution} exceeds the policy cap "
                             f"max_resolution {policy.max_resolution}")
         resolution = comps.resolution
-    dataset, files = review_dataset(spec, resolution, problems, policy) if resolution else (None, {})
+    # The dataset is reviewed even when the spec is refused (every problem is named at once), with
+    # a usable seed if the spec's is not (it is refused above either way).
+    seed_ok = isinstance(spec.train.seed, int) and 0 <= spec.train.seed <= MAX_SEED
+    review_spec = spec if seed_ok else dataclasses.replace(spec, train=dataclasses.replace(spec.train, seed=0))
+    outside = policy.data_root is not None and not _inside(spec.data.path, policy.data_root)
+    if outside:  # refused before anything there is looked at: the answer is the same for every path
+        problems.append(f"dataset: data.path is outside the service's data root {policy.data_root!r}")
+    dataset, data_files = review_dataset(review_spec, resolution, problems, policy) \
+        if resolution and not outside else (None, {})
 
     cfg = None
-    if not extra_problems(spec.train.extra, policy):  # else reported by spec_problems already
+    if not spec_found:  # a refused spec is not turned into a training config
         cfg = _attempt("training config", lambda: _resolve_config(spec, str(base), resolution, out, progress), problems)
     if problems:
         raise PolicyViolation(problems)
     return JobPlan(job_id=job_id, spec=spec, policy=policy, manifest=man, components=comps,
-                   dataset=dataset, dataset_files=files, config=cfg, base_fingerprint=fingerprint,
+                   dataset=dataset, dataset_files=data_files, config=cfg, base_fingerprint=fingerprint,
                    lora_modules=lora_modules, lora_skipped=lora_skipped, out=out, log=log_path, sources=sources,
-                   lock=lock)
+                   lock=lock, log_key=log_key, model_files=files or {})

@@ -11,7 +11,9 @@ Rules enforced (FreezeAsGuard's threat model: the freeze is useless if a job can
 * method is allowed; LoRA only on modules whose tensors are *all* trainable under the mask
   (an adapter on a frozen module restores its adaptability as W + BA);
 * text encoder, token embeddings and VAE are locked; the freeze cannot be lifted or changed;
-* learning rate, steps, batch, resolution and LoRA rank are capped; optimizers are allow-listed.
+* learning rate, steps, batch, resolution and LoRA rank are capped, every other value of a spec is
+  finite and bounded, and what scales the update counts against the lr cap (``service.caps``);
+  optimizers are allow-listed.
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ from torch import nn
 
 from freezeasguard.engine.config import TrainConfig, from_dict, load_file
 from freezeasguard.engine.errors import ConfigError, SignatureError
-from freezeasguard.engine.guard.hashing import model_fingerprint
+from freezeasguard.engine.guard.hashing import model_fingerprint, model_folder_fingerprint
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
 from freezeasguard.engine.io import atomic_write_text
+from freezeasguard.engine.service.caps import value_problems
 from freezeasguard.engine.service.signing import ALGORITHMS, ED25519, Ed25519Key, Key, load_key, signature_problem
 from freezeasguard.engine.service.spec import METHODS, JobSpec
 
@@ -56,14 +59,23 @@ class SignaturePolicy:
     algorithm: str = ED25519
     """'ed25519' (the service holds only the public key) or 'hmac-sha256' (shared secret)."""
     key_file: str | None = None
-    """Verification key file (relative to the policy file's folder); a job may instead be given
-    the key file directly (``job submit --key-file``)."""
+    """Verification key file (relative to the policy file's folder), the only key a job's manifest
+    is checked with (required)."""
 
 
 @dataclass
 class Policy:
     base_fingerprint: str = ""
     """model_fingerprint of the base UNet every job must start from (required)."""
+    model_fingerprint: str = ""
+    """model_folder_fingerprint of the whole base model folder: every file that affects training or
+    sampling (each component's weights and config, tokenizer, scheduler, model_index.json; required)."""
+    manifests: list[str] = field(default_factory=list)
+    """Digests of the signed manifests a job may run under (required): a manifest the publisher
+    signed for some other purpose (one that freezes nothing, say) is refused."""
+    min_guard_share: float = 0.0
+    """Least share of the UNet's parameters a manifest must guard: frozen parameters plus locked
+    degrees of freedom, over all parameters."""
     text_encoder_fingerprint: str | None = None
     """If set, model_fingerprint of the base text encoder (pins it too)."""
     max_lr: float = 1e-4
@@ -80,12 +92,17 @@ class Policy:
     """Allowed methods ('full', 'lora')."""
     optimizers: list[str] = field(default_factory=lambda: ["adamw"])
     """Allowed train.optimizer values."""
+    max_weight_decay: float = 0.1
+    """Largest decoupled weight decay (train.extra.weight_decay)."""
     signature: SignaturePolicy = field(default_factory=SignaturePolicy)
     """How manifests must be signed."""
     log_key_file: str | None = None
     """The service's own signing key (Ed25519 private PEM or HMAC secret; relative to the policy
     file's folder): every job-log entry is signed with it, so a log cannot be rewritten unnoticed
     by whoever can write the file but does not hold this key."""
+    data_root: str | None = None
+    """If set, every job's data.path must lie inside this folder (relative to the policy file's
+    folder); nothing outside it is looked at, so a job cannot probe the service's filesystem."""
     max_images: int = 10_000
     """Most images (metadata lines) a job's dataset may hold."""
     max_image_pixels: int = 4096 * 4096
@@ -109,9 +126,18 @@ class Policy:
         checks = [
             (bool(_HEX64.match(self.base_fingerprint)),
              "base_fingerprint must be the 64-digit hex model_fingerprint of the base UNet"),
+            (bool(_HEX64.match(self.model_fingerprint)),
+             "model_fingerprint must be the 64-digit hex model_folder_fingerprint of the base model folder"),
+            (bool(self.manifests) and all(isinstance(d, str) and _HEX64.match(d) for d in self.manifests),
+             "manifests must list the 64-digit hex digest of every manifest a job may run under"),
+            (math.isfinite(self.min_guard_share) and 0 <= self.min_guard_share <= 1,
+             "min_guard_share must be in [0, 1]"),
+            (bool(self.log_key_file), "log_key_file must name the service's log signing key"),
             (self.text_encoder_fingerprint is None or bool(_HEX64.match(self.text_encoder_fingerprint)),
              "text_encoder_fingerprint must be 64 hex digits or null"),
-            (self.max_lr > 0, "max_lr must be > 0"),
+            (math.isfinite(self.max_lr) and 0 < self.max_lr <= 1, "max_lr must be in (0, 1]"),
+            (math.isfinite(self.max_weight_decay) and 0 <= self.max_weight_decay <= 1,
+             "max_weight_decay must be in [0, 1]"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
             (self.max_batch_size >= 1, "max_batch_size must be >= 1"),
             (self.max_resolution >= 1, "max_resolution must be >= 1"),
@@ -121,6 +147,7 @@ class Policy:
             (bool(self.optimizers) and set(self.optimizers) <= {"adamw", "adamw8bit"},
              "optimizers must be a non-empty subset of ['adamw', 'adamw8bit']"),
             (self.signature.algorithm in ALGORITHMS, f"signature.algorithm must be one of {list(ALGORITHMS)}"),
+            (bool(self.signature.key_file), "signature.key_file must name the publisher's verification key"),
             (self.max_images >= 1, "max_images must be >= 1"),
             (self.max_image_pixels >= 1, "max_image_pixels must be >= 1"),
             (self.max_image_bytes >= 1, "max_image_bytes must be >= 1"),
@@ -146,6 +173,9 @@ class Policy:
         lk = policy.log_key_file
         if lk and root is not None and not Path(lk).is_absolute():
             policy.log_key_file = str(root / lk)
+        dr = policy.data_root
+        if dr and root is not None and not Path(dr).is_absolute():
+            policy.data_root = str(root / dr)
         return policy
 
     @classmethod
@@ -157,7 +187,7 @@ class Policy:
         """Write the policy as YAML, atomically; key files relative to its folder."""
         path = Path(path)
         data = self.to_dict()
-        for node, key in ((data["signature"], "key_file"), (data, "log_key_file")):
+        for node, key in ((data["signature"], "key_file"), (data, "log_key_file"), (data, "data_root")):
             if node[key]:  # resolved on both sides, as load() joins it to the policy's real folder
                 try:
                     node[key] = os.path.relpath(Path(node[key]).resolve(), path.resolve().parent)
@@ -166,18 +196,30 @@ class Policy:
         return atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
-def policy_for(manifest: Manifest, key_file: str | os.PathLike, text_encoder: nn.Module | None = None,
-               **caps: Any) -> Policy:
-    """A policy pinning the base ``manifest`` was made for (and, if given, its text encoder), with
-    the service's default caps unless ``caps`` sets them, verifying signatures with ``key_file``."""
+def policy_for(manifests: Manifest | list[Manifest], key_file: str | os.PathLike, base: str | os.PathLike, *,
+               log_key_file: str | os.PathLike, text_encoder: nn.Module | None = None, **caps: Any) -> Policy:
+    """A policy pinning the base model folder ``base`` (and, if given, its text encoder), accepting
+    exactly ``manifests`` (each must verify with ``key_file`` and be made for that base), with the
+    service's default caps unless ``caps`` sets them; job-log entries are signed with ``log_key_file``."""
+    manifests = [manifests] if isinstance(manifests, Manifest) else list(manifests)
+    if not manifests:
+        raise ConfigError("a policy accepts at least one manifest")
     key = load_key(key_file)
     if isinstance(key, Ed25519Key) and key.private is not None:
         raise SignatureError(f"{key_file} holds a private Ed25519 key: the service verifies with the public half "
                              "only (keygen --public writes it)")
-    bad = manifest_signature_problems(manifest, key)
-    if bad:
-        raise SignatureError(f"the manifest does not verify with {key_file}: {bad[0]}")
-    policy = from_dict(Policy, {"base_fingerprint": manifest.base_fingerprint, **caps,
+    for m in manifests:
+        bad = manifest_signature_problems(m, key)
+        if bad:
+            raise SignatureError(f"the manifest does not verify with {key_file}: {bad[0]}")
+    if len({m.base_fingerprint for m in manifests}) != 1:
+        raise ConfigError("the manifests were made for different base models")
+    log_key = load_key(log_key_file)
+    if isinstance(log_key, Ed25519Key) and log_key.private is None:
+        raise SignatureError(f"{log_key_file} holds only a public key: the service signs its log with the private one")
+    policy = from_dict(Policy, {"base_fingerprint": manifests[0].base_fingerprint, **caps,
+                                "model_fingerprint": model_folder_fingerprint(base),
+                                "manifests": [m.digest() for m in manifests], "log_key_file": str(log_key_file),
                                 "signature": {"algorithm": key.alg, "key_file": str(key_file)}})
     if text_encoder is not None:
         policy.text_encoder_fingerprint = model_fingerprint(text_encoder)
@@ -203,33 +245,10 @@ def spec_problems(spec: JobSpec, policy: Policy, mask: FreezeMask | None = None)
         out.append(f"method {spec.method!r} is not allowed by the policy (allowed: {policy.methods})")
     if spec.method != "lora" and spec.lora is not None:
         out.append(f"'lora' settings were given but method is {spec.method!r}")
-    if spec.method == "lora":
-        lo = spec.lora_settings
-        if not 1 <= lo.rank <= policy.max_lora_rank:
-            out.append(f"lora.rank {lo.rank} is outside [1, {policy.max_lora_rank}] (policy max_lora_rank)")
-        if lo.alpha <= 0:
-            out.append(f"lora.alpha must be > 0, got {lo.alpha}")
-        if not 0.0 <= lo.dropout < 1.0:
-            out.append(f"lora.dropout must be in [0, 1), got {lo.dropout}")
-        if not lo.targets:
-            out.append("lora.targets is empty")
-
-    if not t.lr > 0:
-        out.append(f"train.lr must be > 0, got {t.lr}")
-    elif t.lr > policy.max_lr:
-        out.append(f"train.lr {t.lr:g} exceeds the policy cap max_lr {policy.max_lr:g}")
-    if t.steps < 1:
-        out.append(f"train.steps must be >= 1, got {t.steps}")
-    elif t.steps > policy.max_steps:
-        out.append(f"train.steps {t.steps} exceeds the policy cap max_steps {policy.max_steps}")
-    if t.batch_size < 1:
-        out.append(f"train.batch_size must be >= 1, got {t.batch_size}")
-    elif t.batch_size > policy.max_batch_size:
-        out.append(f"train.batch_size {t.batch_size} exceeds the policy cap max_batch_size "
-                   f"{policy.max_batch_size}")
-    if t.resolution is not None and t.resolution > policy.max_resolution:
-        out.append(f"train.resolution {t.resolution} exceeds the policy cap max_resolution "
-                   f"{policy.max_resolution}")
+    if spec.method == "lora" and not spec.lora_settings.targets:
+        out.append("lora.targets is empty")
+    out += value_problems(dataclasses.replace(spec, lora=spec.lora_settings) if spec.method == "lora" else spec,
+                          policy)
     out += extra_problems(t.extra, policy)
 
     if spec.train_text_encoder:
@@ -290,6 +309,7 @@ def base_problems(policy: Policy, manifest: Manifest | None, unet: nn.Module,
         out.append(f"base UNet fingerprint {found[:16]}... is not the pinned "
                    f"{policy.base_fingerprint[:16]}...: the base model was modified or replaced")
     if manifest is not None:
+        out += manifest_policy_problems(policy, manifest)
         if manifest.base_fingerprint != policy.base_fingerprint:
             out.append(f"the manifest was made for base {manifest.base_fingerprint[:16]}..., not the "
                        f"pinned {policy.base_fingerprint[:16]}...")
@@ -306,3 +326,33 @@ def base_problems(policy: Policy, manifest: Manifest | None, unet: nn.Module,
 def manifest_signature_problems(manifest: Manifest, key: Key) -> list[str]:
     problem = signature_problem(manifest.digest(), manifest.signature, key)
     return [] if problem is None else [f"manifest signature: {problem}"]
+
+
+def guard_share(manifest: Manifest) -> float:
+    """Frozen parameters plus locked degrees of freedom, over all the UNet's parameters."""
+    params = manifest.counts["params"]
+    locked = manifest.locks["counts"].get("dof", 0) if manifest.locks else 0
+    return (params["frozen"] + locked) / params["total"] if params["total"] else 0.0
+
+
+def manifest_policy_problems(policy: Policy, manifest: Manifest) -> list[str]:
+    """The manifest is one the policy lists, and guards at least its minimum share."""
+    out = []
+    digest = manifest.digest()
+    if digest not in policy.manifests:
+        out.append(f"manifest {digest[:16]}... is not one the policy accepts (policy manifests): a job runs only "
+                   "under a manifest the policy lists")
+    share = guard_share(manifest)
+    if share < policy.min_guard_share:
+        out.append(f"the manifest guards {share:.1%} of the UNet's parameters, under the policy's min_guard_share "
+                   f"{policy.min_guard_share:.1%}")
+    return out
+
+
+def folder_problems(policy: Policy, files: dict[str, str]) -> list[str]:
+    """The base model folder's files hash to the pinned model_fingerprint."""
+    found = model_folder_fingerprint("", files)
+    if found == policy.model_fingerprint:
+        return []
+    return [f"base model folder fingerprint {found[:16]}... is not the pinned {policy.model_fingerprint[:16]}...: "
+            f"a file of the model folder (weights, config, tokenizer or scheduler) was changed, added or removed"]

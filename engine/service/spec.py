@@ -15,6 +15,7 @@ from typing import Any
 
 from freezeasguard.engine.config import from_dict, load_file
 from freezeasguard.engine.errors import ConfigError
+from freezeasguard.engine.service.caps import raw_type_problems
 
 METHODS = ("full", "lora")
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -95,6 +96,9 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "job spec") -> "JobSpec":
+        bad = raw_type_problems(cls, data)
+        if bad:
+            raise ConfigError(f"{source}: " + "; ".join(bad))
         try:
             spec = from_dict(cls, data)
         except ConfigError as exc:
