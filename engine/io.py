@@ -3,6 +3,7 @@ previous version in place (write to a temporary sibling, fsync, then rename)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -14,7 +15,9 @@ from typing import Any, Iterator
 from safetensors.torch import save as _safetensors_bytes
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder, so a file created or renamed in it survives a crash (no-op where a folder
+    cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -23,6 +26,9 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_fsync_dir = fsync_dir
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -101,10 +107,7 @@ def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     where the C library has it; elsewhere a check right before the rename."""
     src, dst = os.fspath(src), os.fspath(dst)
     try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         fn = None
     if fn is not None:

@@ -41,13 +41,14 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from freezeasguard.engine.errors import JobLogError
+from freezeasguard.engine.io import fsync_dir as _fsync_dir
+from freezeasguard.engine.service.records import encodable
 from freezeasguard.engine.service.signing import HMAC_SHA256, Ed25519Key, HmacKey
 
 SCHEMA = "freezeasguard.joblog/2"
@@ -63,58 +64,6 @@ _TAIL_CHUNK = 1 << 16
 def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       allow_nan=False).encode("ascii")
-
-
-# ------------------------------------------------------------------------------------- records
-def encodable(obj: Any, where: str = "record") -> Any:
-    """A JSON-encodable copy of ``obj``: the conversion ``append_record`` applies to every record.
-
-    * non-finite floats (anywhere, at any depth) become the strings ``"nan"``, ``"inf"``, ``"-inf"``;
-    * tuples become lists; subclasses of str/int/float become the plain type; bools stay bools;
-    * dicts must have string keys.
-
-    Deterministic: equal inputs give equal outputs, and an output is its own ``encodable``.
-
-    Raises:
-        JobLogError naming the key path (e.g. ``record.train.losses[3]``) of the first value that
-        is not JSON (bytes, arbitrary objects, a non-string dict key, a reference cycle).
-    """
-    return _encodable(obj, where, set())
-
-
-def _encodable(obj: Any, where: str, active: set[int]) -> Any:
-    if obj is None or isinstance(obj, bool):
-        return obj
-    if isinstance(obj, str):
-        return str.__str__(obj)
-    if isinstance(obj, int):
-        return int.__int__(obj)
-    if isinstance(obj, float):
-        obj = float.__float__(obj)
-        if math.isnan(obj):
-            return "nan"
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
-    if isinstance(obj, (dict, list, tuple)):
-        if id(obj) in active:
-            raise JobLogError(f"{where}: a reference cycle (the record contains itself); a job record must be "
-                              "a JSON tree")
-        active.add(id(obj))
-        try:
-            if isinstance(obj, dict):
-                out = {}
-                for k, v in obj.items():
-                    if not isinstance(k, str):
-                        raise JobLogError(f"{where}: key {k!r} ({type(k).__name__}) is not a string; JSON object "
-                                          "keys must be strings")
-                    out[str(k)] = _encodable(v, f"{where}.{k}", active)
-                return out
-            return [_encodable(v, f"{where}[{i}]", active) for i, v in enumerate(obj)]
-        finally:
-            active.discard(id(obj))
-    raise JobLogError(f"{where}: {type(obj).__name__} is not a JSON value (a job record holds only "
-                      "str, int, float, bool, None, lists and string-keyed objects)")
 
 
 # ------------------------------------------------------------------------------------- entries
@@ -245,14 +194,6 @@ def _tail_refusal(last: bytes, key: HmacKey | Ed25519Key | None) -> tuple[dict[s
         if problem is not None:
             return None, f"the last entry's signature is bad ({problem}); run `audit`"
     return tail, None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def append_record(path: str | os.PathLike, record: dict[str, Any],

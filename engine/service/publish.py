@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,8 +42,6 @@ def failpoint(name: str) -> None:
     """Testing hook: the process kills itself (SIGKILL) here when FREEZEASGUARD_FAILPOINT=name,
     so the crash tests can stop a job at an exact point of the protocol."""
     if os.environ.get(FAILPOINT_ENV) == name:
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
 
 
