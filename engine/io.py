@@ -28,8 +28,6 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-_fsync_dir = fsync_dir
-
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
@@ -45,7 +43,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -79,7 +77,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old)
         os.replace(path, old)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -113,7 +111,7 @@ def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     if fn is not None:
         at_fdcwd = -100
         if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-            _fsync_dir(Path(dst).parent)
+            fsync_dir(Path(dst).parent)
             return
         err = ctypes.get_errno()
         if err == 17:  # EEXIST
@@ -123,4 +121,4 @@ def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     if os.path.lexists(dst):
         raise FileExistsError(17, "File exists", dst)
     os.rename(src, dst)
-    _fsync_dir(Path(dst).parent)
+    fsync_dir(Path(dst).parent)

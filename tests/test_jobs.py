@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from freezeasguard.engine.cli.main import main as cli_main
-from freezeasguard.engine.guard.hashing import model_fingerprint, model_folder_fingerprint
+from freezeasguard.engine.guard.hashing import model_fingerprint, model_folder_files, model_folder_fingerprint
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
 from freezeasguard.engine.io import file_sha256
@@ -42,7 +42,8 @@ class Publisher:
     def write_policy(self, path: Path | None = None, **over) -> Path:
         """The policy pinning this base folder and accepting this publisher's manifest (with overrides)."""
         policy = {"base_fingerprint": self.manifest.base_fingerprint,
-                  "model_fingerprint": model_folder_fingerprint(self.base), "manifests": [self.manifest.digest()],
+                  "model_fingerprint": model_folder_fingerprint(model_folder_files(self.base)),
+                  "manifests": [self.manifest.digest()],
                   "max_lr": 1e-3, "max_steps": 50, "max_batch_size": 8, "max_resolution": 64,
                   "log_key_file": str(self.root / "keys" / "service.key"),
                   "signature": {"algorithm": "hmac-sha256", "key_file": str(self.root / "keys" / "publisher.key")},
@@ -232,7 +233,7 @@ def test_policy_init_pins_the_base_and_refuses_the_wrong_key(tmp_path):
     assert ok.returncode == 0, ok.stderr
     policy = Policy.load(tmp_path / "pol" / "policy.yaml")
     assert policy.base_fingerprint == model_fingerprint(c.unet) and policy.text_encoder_fingerprint
-    assert policy.model_fingerprint == model_folder_fingerprint(tmp_path / "base")
+    assert policy.model_fingerprint == model_folder_fingerprint(model_folder_files(tmp_path / "base"))
     assert policy.manifests == [manifest.digest()]
     assert Path(policy.signature.key_file).resolve() == (tmp_path / "keys" / "k.pem").resolve()  # relative, reloads
     assert yaml.safe_load((tmp_path / "pol" / "policy.yaml").read_text())["signature"]["key_file"] == "../keys/k.pem"

@@ -122,9 +122,9 @@ def model_folder_files(root: str | os.PathLike) -> dict[str, str]:
     return files
 
 
-def model_folder_fingerprint(root: str | os.PathLike, files: Mapping[str, str] | None = None) -> str:
-    """One SHA-256 over ``model_folder_files`` (path and content hash of each, length-prefixed)."""
-    files = model_folder_files(root) if files is None else files
+def model_folder_fingerprint(files: Mapping[str, str]) -> str:
+    """One SHA-256 over a folder's ``model_folder_files`` (path and content hash of each,
+    length-prefixed)."""
     h = hashlib.sha256(_FOLDER_TAG)
     for name in sorted(files):
         raw = name.encode("utf-8")

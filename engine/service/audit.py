@@ -83,19 +83,22 @@ def record_problems(record: Mapping[str, Any], *, outputs: bool = False,
     return out
 
 
-class _Jobs:
-    """Follows records in log order: which started jobs have not finished, and each job's final
-    record (a "completed" record can be followed by a "failed" one, e.g. when publishing failed or
-    a recovery found the staged output lost; only the final one describes the job)."""
+class JobStates:
+    """Follows records in log order: which started jobs have not finished, each job's final record
+    (a "completed" record can be followed by a "failed" one, e.g. when publishing failed or a
+    recovery found the staged output lost; only the final one describes the job), and each job's
+    last record of any status (what recovery resumes from)."""
 
     def __init__(self) -> None:
         self.open: dict[str, None] = {}  # insertion-ordered set of started, unfinished job ids
         self.final: dict[str, tuple[int, Mapping[str, Any]]] = {}  # job id -> (seq, its last record)
+        self.last: dict[str, Mapping[str, Any]] = {}  # job id -> its last record, "started" included
 
     def see(self, seq: int, record: Mapping[str, Any]) -> None:
         job, status = record.get("job_id"), record.get("status")
         if not isinstance(job, str):
             return
+        self.last[job] = record
         if status == "started":
             self.open[job] = None
         elif status in ("completed", "failed"):
@@ -139,7 +142,7 @@ def outputs_problems(path: str | os.PathLike) -> OutputsCheck:
     """Cross-check a job log's records against the files on disk (no chain or signature checks:
     ``audit_jobs`` does those): every completed job's output exists with its recorded hash, and
     which started jobs never finished."""
-    jobs = _Jobs()
+    jobs = JobStates()
     for seq, record in _records(path):
         jobs.see(seq, record)
     problems = [p for _, record in jobs.completed() for p in output_problems(record)]
@@ -160,7 +163,7 @@ def audit_jobs(path: str | os.PathLike, *, outputs: bool = False, expect_head: s
         The ``AuditReport``, with ``interrupted`` listing started jobs that never finished (among
         the records that passed).
     """
-    jobs, seen = _Jobs(), [0]
+    jobs, seen = JobStates(), [0]
 
     def check(record: dict[str, Any]) -> list[str]:
         problems = record_problems(record, manifest_key_id=manifest_key_id)

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from freezeasguard.engine.errors import JobLogError
-from freezeasguard.engine.io import fsync_dir as _fsync_dir
+from freezeasguard.engine.io import fsync_dir
 from freezeasguard.engine.service.records import encodable
 from freezeasguard.engine.service.signing import HMAC_SHA256, Ed25519Key, HmacKey
 
@@ -242,7 +242,7 @@ def append_record(path: str | os.PathLike, record: dict[str, Any],
             f.flush()
             os.fsync(f.fileno())
             if created or last is None:  # the file's name must survive a crash as well as its line
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
     return entry

@@ -32,7 +32,7 @@ from torch import nn
 
 from freezeasguard.engine.config import TrainConfig, from_dict, load_file
 from freezeasguard.engine.errors import ConfigError, SignatureError
-from freezeasguard.engine.guard.hashing import model_fingerprint, model_folder_fingerprint
+from freezeasguard.engine.guard.hashing import model_fingerprint, model_folder_files, model_folder_fingerprint
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
 from freezeasguard.engine.io import atomic_write_text
@@ -218,7 +218,7 @@ def policy_for(manifests: Manifest | list[Manifest], key_file: str | os.PathLike
     if isinstance(log_key, Ed25519Key) and log_key.private is None:
         raise SignatureError(f"{log_key_file} holds only a public key: the service signs its log with the private one")
     policy = from_dict(Policy, {"base_fingerprint": manifests[0].base_fingerprint, **caps,
-                                "model_fingerprint": model_folder_fingerprint(base),
+                                "model_fingerprint": model_folder_fingerprint(model_folder_files(base)),
                                 "manifests": [m.digest() for m in manifests], "log_key_file": str(log_key_file),
                                 "signature": {"algorithm": key.alg, "key_file": str(key_file)}})
     if text_encoder is not None:
@@ -351,7 +351,7 @@ def manifest_policy_problems(policy: Policy, manifest: Manifest) -> list[str]:
 
 def folder_problems(policy: Policy, files: dict[str, str]) -> list[str]:
     """The base model folder's files hash to the pinned model_fingerprint."""
-    found = model_folder_fingerprint("", files)
+    found = model_folder_fingerprint(files)
     if found == policy.model_fingerprint:
         return []
     return [f"base model folder fingerprint {found[:16]}... is not the pinned {policy.model_fingerprint[:16]}...: "

@@ -21,7 +21,6 @@ The protocol (``service.run.run_job`` follows it):
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import fcntl
 import json
 import os
@@ -33,7 +32,9 @@ from typing import Any, Iterator
 
 from freezeasguard.engine.errors import JobError, JobLogError
 from freezeasguard.engine.io import file_sha256, rename_noreplace
+from freezeasguard.engine.service.audit import JobStates
 from freezeasguard.engine.service.joblog import append_record, read_entries
+from freezeasguard.engine.service.records import utc_now
 
 FAILPOINT_ENV = "FREEZEASGUARD_FAILPOINT"
 
@@ -109,10 +110,6 @@ def publish_stage(stage: Path, out: Path) -> None:
                        f"{str(stage)!r} and is not published") from None
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 @contextlib.contextmanager
 def _held(path: Path) -> Iterator[None]:
     """Hold the claim of an interrupted job while recovering it (so two recoveries do not race)."""
@@ -133,16 +130,16 @@ def recover_jobs(log: str | os.PathLike, key: Any) -> list[str]:
     log = Path(log)
     if not log.is_file():
         return []
-    last: dict[str, dict[str, Any]] = {}
+    jobs = JobStates()
     try:
-        for _, entry in read_entries(log):
-            rec = entry.get("record", {}) if isinstance(entry, dict) else {}
-            if isinstance(rec, dict) and isinstance(rec.get("job_id"), str):
-                last[rec["job_id"]] = rec
+        for lineno, entry in read_entries(log):
+            rec = entry.get("record") if isinstance(entry, dict) else None
+            if isinstance(rec, dict):
+                jobs.see(lineno - 1, rec)
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise JobLogError(f"{log}: cannot be read for recovery ({exc}); run `audit`") from None
     done = []
-    for job_id, rec in last.items():
+    for job_id, rec in jobs.last.items():
         where = rec.get("publish")
         if rec.get("status") not in ("started", "completed") or not isinstance(where, dict):
             continue
@@ -176,7 +173,7 @@ def _recover_one(log: Path, key: Any, rec: dict[str, Any], out: Path, stage: Pat
     fail = {k: v for k, v in rec.items() if k not in ("status", "finished", "error", "output")}
     why = ("interrupted after its completion record, and its staged output was lost"
            if rec["status"] == "completed" else "interrupted: the service stopped before the job finished")
-    fail.update(status="failed", finished=_now(), output=None, error=f"JobError: {why}")
+    fail.update(status="failed", finished=utc_now(), output=None, error=f"JobError: {why}")
     fail.setdefault("verify", {"ok": False, "checked": 0, "summary": "not verified: the job did not finish",
                                "failures": []})
     append_record(log, fail, key)

@@ -1,6 +1,7 @@
 """Job records as JSON trees: the one conversion every record goes through before it is logged."""
 from __future__ import annotations
 
+import datetime as _dt
 import math
 from typing import Any
 
@@ -56,3 +57,8 @@ def _encodable(obj: Any, where: str, active: set[int]) -> Any:
             active.discard(id(obj))
     raise JobLogError(f"{where}: {type(obj).__name__} is not a JSON value (a job record holds only "
                       "str, int, float, bool, None, lists and string-keyed objects)")
+
+
+def utc_now() -> str:
+    """The time stamp of job records: UTC, ISO 8601, to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -14,7 +14,6 @@ and refuses one that would change a frozen tensor or names a tensor the base doe
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import logging
 import os
@@ -35,16 +34,13 @@ from freezeasguard.engine.service.lora import LoraWiring
 from freezeasguard.engine.service.plan import MANIFEST_FILE, JobPlan, plan_job
 from freezeasguard.engine.service.policy import Policy, folder_problems
 from freezeasguard.engine.service.publish import claim_output, failpoint, publish_stage, recover_jobs, stage_path
+from freezeasguard.engine.service.records import utc_now
 from freezeasguard.engine.service.spec import JobSpec
 from freezeasguard.engine.train.trainer import Trainer
 
 log = logging.getLogger("freezeasguard")
 
 DELTA_FILE, RECORD_FILE = "delta.safetensors", "record.json"
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -98,7 +94,7 @@ def run_job(plan: JobPlan) -> JobResult:
         raise JobError("guarded jobs run in a single process; launch them without torchrun")
     claim = claim_output(plan.out, plan.job_id)
     stage = stage_path(plan.out, plan.job_id)
-    record = _base_record(plan, _now())
+    record = _base_record(plan, utc_now())
     record["publish"] = {"out": str(plan.out.absolute()), "stage": str(stage.absolute()),
                          "claim": str(claim.path.absolute())}
     try:
@@ -115,7 +111,7 @@ def run_job(plan: JobPlan) -> JobResult:
             # written, ...) is on the record as failed, and its stage is gone: nothing unproven is
             # ever published.
             shutil.rmtree(stage, ignore_errors=True)
-            record.update(status="failed", finished=_now(), output=None, error=f"{type(exc).__name__}: {exc}")
+            record.update(status="failed", finished=utc_now(), output=None, error=f"{type(exc).__name__}: {exc}")
             record.setdefault("verify", _verify_dict(None, "the job did not finish"))
             if not isinstance(exc, JobLogError):
                 append_record(plan.log, record, plan.log_key)
@@ -177,7 +173,7 @@ def _run(plan: JobPlan, record: dict[str, Any], stage: Path) -> JobResult:
                         "sha256": file_sha256(stage / DELTA_FILE),
                         "bytes": (stage / DELTA_FILE).stat().st_size, "tensors": len(delta),
                         "params": sum(t.numel() for t in delta.values())}
-    final = encodable({**record, "status": "completed", "finished": _now()})
+    final = encodable({**record, "status": "completed", "finished": utc_now()})
     atomic_write_json(stage / RECORD_FILE, final)
     failpoint("before-record")
     entry = append_record(plan.log, final, plan.log_key)  # durable (fsync) before anything is published
