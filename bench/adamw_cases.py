@@ -5,7 +5,9 @@ provider, and the bytes each step must move.
 Providers: torch AdamW (foreach, fused) stepping per-tensor views of the flat buffer, as a
 training script does; this package's flat-buffer step (``flat_engine``: the one-launch Triton
 kernel on CUDA, torch's fused AdamW over the two weight-decay ranges on CPU: what the engine's
-optimizer runs); the Triton kernel itself (``triton_flat``, CUDA only); bitsandbytes AdamW8bit.
+optimizer runs); the Triton kernel itself (``triton_flat``, CUDA only); the flat buffer with bf16 or
+8-bit blockwise moments (``flat_bf16states``, ``flat_8bit``: one Triton launch on CUDA, their torch
+reference on CPU); bitsandbytes' per-tensor AdamW8bit.
 """
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ import random
 import torch
 
 from freezeasguard.engine.backends import bitsandbytes_backend, triton_backend
+from freezeasguard.engine.optim.states import new_states, step_range_
 from freezeasguard.kernels.adamw import adamw_launches, bytes_per_element, fused_adamw_
 
 SD15_NUMEL = 859_520_964
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOTAL = int(os.environ.get("BENCH_ADAMW_NUMEL", SD15_NUMEL if DEVICE.type == "cuda" else 2_000_000))
 FRACTIONS = (0.3, 0.5, 1.0)
-PROVIDERS = ("torch_foreach", "torch_fused", "flat_engine", "triton_flat", "bnb_adamw8bit")
+PROVIDERS = ("torch_foreach", "torch_fused", "flat_engine", "triton_flat", "flat_bf16states", "flat_8bit",
+             "bnb_adamw8bit")
 HP = dict(lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 ROUNDS, WARMUP = (30, 3) if DEVICE.type == "cuda" else (10, 2)
 # 8-bit states: p r/w 8 B + g 4 B + m, v r/w 1 B each (block absmax ignored)
@@ -100,6 +104,19 @@ def make_step(provider: str, tensors: list[tuple[int, bool]]):
     decay_end = sum(s for s, d in tensors if d)
     param = torch.randn(n, device=DEVICE)
     grad = torch.randn(n, device=DEVICE) * 1e-3
+    if provider in ("flat_bf16states", "flat_8bit"):
+        kind = "bf16" if provider == "flat_bf16states" else "8bit"
+        st = new_states(kind, n, DEVICE)
+        counter = {"step": 0}
+        backend = "triton" if DEVICE.type == "cuda" else "torch"
+
+        def step():
+            counter["step"] += 1
+            step_range_(kind, st, param, grad, 0, n, lr=HP["lr"], betas=HP["betas"], eps=HP["eps"],
+                        weight_decay=HP["weight_decay"], decay_end=decay_end, step=counter["step"], grad_scale=None,
+                        backend=backend, seed=0)
+
+        return step, (20 if kind == "bf16" else 16), (1 if DEVICE.type == "cuda" else None)
     if provider in ("triton_flat", "flat_engine"):
         backend = "triton" if provider == "triton_flat" or DEVICE.type == "cuda" else "torch_fused"
         m, v = torch.zeros_like(param), torch.zeros_like(param)

@@ -10,8 +10,9 @@
 #            and scipy alone is large; the digits data needs scikit-learn)
 #   run:     OUT=/some/dir bash bench/gpu_check.sh      (each stage has its own time limit)
 #
-# Writes under $OUT: info.txt, gpu_tests.txt, bench_adamw.json, bench_mask_update.json, and the
-# default, freeze, optimizer and masklearn suites of bench/run.py (sd15 preset, 512 px, bf16).
+# Writes under $OUT: info.txt, gpu_tests.txt, bench_adamw.json, bench_adamw_lowp.json (fp32 / bf16 /
+# 8-bit moment kernels against bitsandbytes' blockwise update and its per-tensor AdamW8bit), and the
+# savings and optimizer suites of bench/run.py (sd15 preset, 512 px, bf16, batch 4).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
@@ -33,14 +34,16 @@ stage() {  # stage NAME SECONDS CMD...
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt" | tail -25
   echo "== $name exit ${PIPESTATUS[0]}"
 }
-stage info 60 python3 -m freezeasguard.engine.cli info
-stage gpu_tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_adamw.py tests/test_mask_update.py \
-  tests/test_attention.py tests/test_frozen_ops.py tests/test_ledger.py tests/test_profiling.py tests/test_flat_optim.py
-stage bench_adamw 120 python3 -m pytest -q -p no:cacheprovider bench/bench_adamw.py --benchmark-enable \
+# Budget: under 10 minutes in all (the stage limits sum to 570 s), most important first.
+stage info 20 python3 -m freezeasguard.engine.cli info
+stage gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_adamw.py tests/test_adamw_lowp.py \
+  tests/test_mask_update.py tests/test_attention.py tests/test_frozen_ops.py tests/test_ledger.py tests/test_profiling.py \
+  tests/test_flat_optim.py
+stage bench_adamw 60 python3 -m pytest -q -p no:cacheprovider bench/bench_adamw.py --benchmark-enable \
   --benchmark-json "$OUT/bench_adamw.json"
-stage bench_mask_update 90 python3 -m pytest -q -p no:cacheprovider bench/bench_mask_update.py --benchmark-enable \
-  --benchmark-json "$OUT/bench_mask_update.json"
-stage run_default 150 python3 bench/run.py --out "$OUT"
-stage run_optimizer 90 python3 bench/run.py optimizer --out "$OUT"
-stage run_masklearn 120 python3 bench/run.py masklearn --preset sd15 --resolution 512 --steps 10 --out "$OUT"
-stage run_freeze 240 python3 bench/run.py freeze --steps 10 --out "$OUT"
+stage bench_adamw_lowp 60 python3 -m pytest -q -p no:cacheprovider bench/bench_adamw_lowp.py --benchmark-enable \
+  --benchmark-json "$OUT/bench_adamw_lowp.json"
+# sd15, 512 px, bf16, batch 4: full / naive / engine and every engine option side by side, with each
+# scenario's own CUDA peak (max_memory_allocated during its step above what was allocated before it)
+stage run_savings 240 python3 bench/run.py savings --steps 8 --warmup 2 --out "$OUT"
+stage run_optimizer 40 python3 bench/run.py optimizer --steps 5 --out "$OUT"

@@ -79,7 +79,15 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     """Floor of the cosine decay, as a fraction of the peak learning rate."""
     optimizer: str = "adamw"
-    """'adamw' (torch, fused where available) or 'adamw8bit' (bitsandbytes)."""
+    """'adamw' (torch, fused where available; the engine's flat AdamW under freeze.mode=engine) or
+    'adamw8bit' (bitsandbytes, per tensor)."""
+    optimizer_states: str = "fp32"
+    """Engine AdamW moments: 'fp32', 'bf16' (stochastic rounding) or '8bit' (blockwise); freeze.mode=engine."""
+    update_in_backward: bool = False
+    """Engine: step each tensor as soon as its gradient is complete, with no gradient buffer (clipping
+    then uses the previous step's norm; no grad_accum, no DDP)."""
+    compile: str = "none"
+    """torch.compile of the UNet by region: 'none', 'blocks' (each down/mid/up block) or 'layers'."""
     weight_decay: float = 1e-2
     """Decoupled weight decay for matrices/kernels (biases and norms get none)."""
     beta1: float = 0.9
@@ -125,6 +133,9 @@ class FreezeConfig:
     """Storage dtype of frozen tensors: 'auto' (bf16 under bf16 autocast, else fp32), 'fp32', 'bf16'."""
     frozen_conv: bool = True
     """Run frozen convolutions through an autograd function that does not save their input."""
+    prefix_skip: bool = True
+    """Engine: run the frozen prefix of the forward (every module before the first trainable one, fed
+    only by inputs that need no gradient) under no_grad."""
 
 
 @dataclass
@@ -171,6 +182,16 @@ class FinetuneConfig:
             (self.freeze.budget_by in ("params", "tensors"), "freeze.budget_by must be 'params' or 'tensors'"),
             (self.freeze.ratio is None or 0.0 <= self.freeze.ratio <= 1.0, "freeze.ratio must be in [0, 1]"),
             (self.freeze.frozen_dtype in ("auto", "fp32", "bf16"), "freeze.frozen_dtype must be auto|fp32|bf16"),
+            (self.train.optimizer_states in ("fp32", "bf16", "8bit"), "train.optimizer_states must be fp32|bf16|8bit"),
+            (self.train.optimizer_states == "fp32"
+             or (self.freeze.mode == "engine" and self.train.optimizer == "adamw"),
+             "train.optimizer_states=bf16|8bit needs freeze.mode=engine and train.optimizer=adamw (the flat AdamW; "
+             "train.optimizer=adamw8bit is bitsandbytes' per-tensor 8-bit AdamW)"),
+            (not self.train.update_in_backward or (self.freeze.mode == "engine" and self.train.optimizer == "adamw"),
+             "train.update_in_backward needs freeze.mode=engine and train.optimizer=adamw"),
+            (not self.train.update_in_backward or self.train.grad_accum == 1,
+             "train.update_in_backward needs train.grad_accum=1 (each tensor is updated from its first gradient)"),
+            (self.train.compile in ("none", "blocks", "layers"), "train.compile must be none|blocks|layers"),
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:

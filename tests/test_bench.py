@@ -76,3 +76,20 @@ def test_bench_lock_suite_counts_the_bases_and_proves_the_locks(tmp_path):
     # the same loss at step 0 (the lock changes updates, not the forward pass of the base)
     assert out["losses"][0] == plain["losses"][0]
     assert "lock bases MiB" in (tmp_path / "lock.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_savings_suite_puts_every_option_side_by_side(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "savings", "--preset", "tiny", "--resolution",
+                        "16", "--steps", "1", "--warmup", "1", "--batch", "8", "--no-compile", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["scenario"]: row for row in json.loads((tmp_path / "savings.json").read_text())["rows"]}
+    assert "engine+compile@50%" not in rows
+    assert all(row["verify_ok"] for name, row in rows.items() if name != "full")
+    eng, ib, both = rows["engine@50%"], rows["engine+inbackward@50%"], rows["engine+inbackward+8bit@50%"]
+    assert ib["grads_in_backward_mib"] > 0 and ib["static_mib"] < eng["static_mib"]
+    assert both["static_mib"] < rows["engine+8bit@50%"]["static_mib"] < eng["static_mib"]
+    assert both["peak_vs_full"] < eng["peak_vs_full"] < 1
+    assert rows["engine@down"]["prefix"][:3] == ["time_proj", "time_embedding", "conv_in"]
+    assert rows["engine-noprefix@down"]["prefix"] == []

@@ -71,6 +71,14 @@ def _refused_any(pub, tmp_path, spec_path):
     ("method: lora\nlora: {rank: 0, targets: [to_q]}\n", "lora.rank 0 is outside [1, 64]"),
     ("method: lora\nlora: {rank: 4, dropout: 1.0, targets: [to_q]}\n", "lora.dropout 1.0 is outside [0, 0.999]"),
     ("train: {extra: {optimizer: sgd}}\n", "train.extra.optimizer must be one of ['adamw', 'adamw8bit']"),
+    # how the service runs a job is the service's: memory options and compilation
+    ("train: {extra: {compile: blocks}}\n", "train.extra sets ['compile'], which the service controls"),
+    ("train: {extra: {update_in_backward: true}}\n",
+     "train.extra sets ['update_in_backward'], which the service controls"),
+    # compact moments change what a step can do: only those the policy lists
+    ("train: {extra: {optimizer_states: 8bit}}\n",
+     "train.extra.optimizer_states '8bit' is not allowed by the policy (allowed: ['fp32'])"),
+    ("train: {extra: {optimizer_states: int4}}\n", "train.extra.optimizer_states must be one of"),
     (f"name: {'x' * 300}\n", "name is longer than 256 characters"),
 ])
 def test_every_value_is_bounded_and_what_scales_the_update_counts(pub, tmp_path, text, named):

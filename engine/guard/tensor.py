@@ -40,6 +40,7 @@ class TensorGuard:
     frozen_dtype: torch.dtype | None = None
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # host fp32 copies
     frozen_convs: int = 0
+    prefix: tuple[str, ...] = ()  # stages of the forward run without autograd (guard.prefix)
     lock: SubspaceLock | None = None
     anchors: LockAnchors | None = None
     # Where the locked tensors are not the ones trained (LoRA), the wiring proves the lock itself:

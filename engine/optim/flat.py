@@ -3,6 +3,8 @@
 Trainable tensors are views of ONE contiguous fp32 buffer and their gradients views of ONE gradient
 buffer, so zeroing is one fill, the global norm one reduction and AdamW one call: the one-launch
 Triton kernel on CUDA, torch's public fused AdamW on CPU, and on CUDA too where Triton cannot run.
+The moments are fp32, bf16 or 8-bit blockwise (``optim.states``); ``optim.inbackward`` keeps the
+buffer but no gradient buffer, stepping each tensor inside backward.
 Frozen tensors are not in the buffer at all. A step reads the gradient buffer and never writes it.
 Tensors under a direction lock sit first, grouped by shape, and their chunks are stepped and
 projected one at a time (``optim.project.LockGroups``); the rest is still one call.
@@ -15,9 +17,10 @@ import torch
 from torch import nn
 
 from freezeasguard.engine.errors import TrainingError
+from freezeasguard.engine.optim import states as state_kinds
 from freezeasguard.engine.optim.project import DEFAULT_CHUNK_NUMEL, Bases, LockGroups, group_key
 from freezeasguard.kernels import _triton
-from freezeasguard.kernels.adamw import fused_adamw_, global_grad_norm
+from freezeasguard.kernels.adamw import global_grad_norm
 
 BACKENDS = ("auto", "triton", "torch_fused", "torch")
 
@@ -45,17 +48,25 @@ class FlatAdamW(torch.optim.Optimizer):
     """AdamW over one flat fp32 buffer that the trainable parameters are views of.
 
     Decay tensors (dim >= 2) come first, so weight decay applies to the range ``[0, decay_end)``.
-    ``step()`` is a single call of ``freezeasguard.kernels.adamw.fused_adamw_``; the global
+    ``step()`` is a single call of the moment kind's kernel (``optim.states``); the global
     gradient-clipping coefficient set by ``clip_grad_norm_`` is applied inside it (no extra pass
     over the gradients, no host sync on CUDA).
 
     ``locks`` (name -> (U, V), see ``optim.project``): those tensors' updates are projected off
     their locked subspaces inside the step; they come first in the buffer, grouped by shape.
+
+    ``states``: how the moments are stored (``optim.states``: 'fp32', 'bf16' with stochastic
+    rounding seeded by ``seed``, or '8bit' blockwise). ``grad_buffer=False`` allocates no gradient
+    buffer (``optim.inbackward`` steps each tensor from its own transient gradient).
     """
 
     def __init__(self, named: list[tuple[str, nn.Parameter]], *, lr: float, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, backend: str = "auto",
-                 locks: Bases | None = None, lock_chunk_numel: int = DEFAULT_CHUNK_NUMEL):
+                 locks: Bases | None = None, lock_chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+                 states: str = "fp32", seed: int = 0, grad_buffer: bool = True):
+        self.state_kind = state_kinds.check_kind(states)
+        self.seed = int(seed)
+        self.align = align = state_kinds.alignment(states)
         if not named:
             raise ValueError("FlatAdamW needs at least one trainable tensor")
         locks = dict(locks or {})
@@ -71,22 +82,29 @@ class FlatAdamW(torch.optim.Optimizer):
         ordered = locked + [x for x in named if x[1].dim() >= 2 and x[0] not in locks] + \
             [x for x in named if x[1].dim() < 2]
         device = ordered[0][1].device
-        total = sum(p.numel() for _, p in ordered)
-        flat = torch.empty(total, dtype=torch.float32, device=device)
-        grad = torch.zeros(total, dtype=torch.float32, device=device)
+
+        def padded(n: int) -> int:
+            return -(-n // align) * align
+
+        total = sum(padded(p.numel()) for _, p in ordered)
+        # zeros: padding between segments (8-bit blocks) stays zero weight, gradient and moment
+        flat = torch.zeros(total, dtype=torch.float32, device=device)
+        grad = torch.zeros(total, dtype=torch.float32, device=device) if grad_buffer else None
         self.segments: list[tuple[str, int, int]] = []
         off = 0
+        self.decay_end = 0
         with torch.no_grad():
             for name, p in ordered:
                 n = p.numel()
                 flat[off:off + n].copy_(p.detach().reshape(-1))
                 p.data = flat[off:off + n].view_as(p)
                 # autograd accumulates into an existing .grad in place, so these views stay live
-                p.grad = grad[off:off + n].view_as(p)
+                p.grad = grad[off:off + n].view_as(p) if grad is not None else None
                 self.segments.append((name, off, n))
-                off += n
+                off += padded(n)
+                if p.dim() >= 2:
+                    self.decay_end = off
         flat.grad = grad
-        self.decay_end = sum(p.numel() for _, p in ordered if p.dim() >= 2)
         self.named = ordered
         layout = [(n, o, k, tuple(p.shape)) for (n, o, k), (_, p) in zip(self.segments, ordered) if n in locks]
         self.locks = LockGroups(layout, locks, device, lock_chunk_numel) if locks else None
@@ -96,8 +114,7 @@ class FlatAdamW(torch.optim.Optimizer):
         super().__init__([flat], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         st = self.state[flat]
         st["step"] = 0
-        st["exp_avg"] = torch.zeros_like(flat)
-        st["exp_avg_sq"] = torch.zeros_like(flat)
+        st.update(state_kinds.new_states(self.state_kind, total, device))
 
     @property
     def lock_bytes(self) -> int:
@@ -125,8 +142,8 @@ class FlatAdamW(torch.optim.Optimizer):
             f"{len(self.locks.chunks)} chunk(s)")
         return (f"flat optimizer groups: decay: {len(dec)} tensors, {self.decay_end:,} params; "
                 f"no_decay: {len(nod)} tensors, {self.flat.numel() - self.decay_end:,} params; "
-                f"one {self.flat.numel():,}-element fp32 buffer, AdamW backend {self.backend} ({self.backend_reason})"
-                + lock)
+                f"one {self.flat.numel():,}-element fp32 buffer, {self.state_kind} moments, AdamW backend "
+                f"{self.backend} ({self.backend_reason})" + lock)
 
     def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002 - views must survive
         self.flat.grad.zero_()
@@ -152,16 +169,12 @@ class FlatAdamW(torch.optim.Optimizer):
                 self._scale = None
                 raise TrainingError(f"the gradient norm is {float(norm)}: the AdamW step was refused; no parameter, "
                                     "moment or step count changed")
-        g = self.param_groups[0]
         st = self.state[self.flat]
         st["step"] += 1
-        flat, grad, m, v = self.flat, self.flat.grad, st["exp_avg"], st["exp_avg_sq"]
+        flat, grad = self.flat, self.flat.grad
 
         def run(lo: int, hi: int) -> None:
-            fused_adamw_(flat[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi], lr=g["lr"], beta1=g["betas"][0],
-                         beta2=g["betas"][1], eps=g["eps"], weight_decay=g["weight_decay"],
-                         decay_end=min(max(self.decay_end - lo, 0), hi - lo), step=st["step"],
-                         grad_scale=self._scale, backend=self.backend)
+            self.step_range_(lo, hi, grad[lo:hi], self._scale)
 
         start = 0
         if self.locks is not None:  # locked chunks: copy, step, project the update; then the rest
@@ -170,9 +183,32 @@ class FlatAdamW(torch.optim.Optimizer):
                 old = flat[lo:hi].clone()
                 run(lo, hi)
                 LockGroups.project_chunk_(chunk, flat, old)
-            start = self.locks.end
+            start = -(-self.locks.end // self.align) * self.align  # the next segment (8-bit: a block start)
         if start < flat.numel():
             run(start, flat.numel())
         self._scale = None
+
+    def step_range_(self, lo: int, hi: int, grad: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """AdamW on ``flat[lo:hi]`` with gradient ``grad`` at the current step count (no locks)."""
+        g, st = self.param_groups[0], self.state[self.flat]
+        state_kinds.step_range_(self.state_kind, st, self.flat, grad, lo, hi, lr=g["lr"], betas=g["betas"],
+                                eps=g["eps"], weight_decay=g["weight_decay"], decay_end=self.decay_end,
+                                step=st["step"], grad_scale=scale, backend=self.backend, seed=self.seed)
+
+    def load_state_dict(self, state_dict) -> None:
+        """As ``Optimizer.load_state_dict``, which casts every state tensor to the parameter's dtype
+        (fp32): bf16 moments and 8-bit codes get their own dtype back (the round trip is exact).
+        A state of another kind or size is refused."""
+        theirs = next(iter(state_dict.get("state", {}).values()), {})
+        mine = {k: v for k, v in self.state[self.flat].items() if torch.is_tensor(v)}
+        got = {k: (tuple(v.shape), v.dtype) for k, v in theirs.items() if torch.is_tensor(v)}
+        want = {k: (tuple(v.shape), v.dtype) for k, v in mine.items()}
+        if got != want:
+            raise TrainingError(f"optimizer state does not fit this buffer ({self.state_kind} moments over "
+                                f"{self.flat.numel():,} elements): it holds {sorted(got)}, this one {sorted(want)}")
+        super().load_state_dict(state_dict)
+        st = self.state[self.flat]
+        for k, (_, dtype) in want.items():
+            st[k] = st[k].to(dtype)
 
     # Optimizer.state_dict stores tensors by param index; the ints round-trip as they are.

@@ -36,7 +36,7 @@ EPS_RANGE = (1e-12, 1.0)
 MAX_GRAD_NORM = 1e6
 BETA_MAX = 0.99999
 CHOICES = {"lr_schedule": ("constant", "cosine"), "mixed_precision": ("fp32", "bf16"),
-           "optimizer": ("adamw", "adamw8bit")}
+           "optimizer": ("adamw", "adamw8bit"), "optimizer_states": ("fp32", "bf16", "8bit")}
 
 
 def _kind(tp: Any) -> str | None:

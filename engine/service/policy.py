@@ -42,7 +42,7 @@ from freezeasguard.engine.service.spec import METHODS, JobSpec
 
 # Train settings the service owns: where and how it runs, not how the model learns.
 SERVICE_TRAIN_KEYS = frozenset({"device", "num_threads", "progress", "log_every", "checkpoint_every",
-                                "keep_checkpoints"})
+                                "keep_checkpoints", "compile", "update_in_backward"})
 # Set through JobSpec.train's own fields; `extra` must not restate them.
 FIRST_CLASS_TRAIN_KEYS = frozenset({"lr", "steps", "batch_size", "seed"})
 # Methods users ask for by name that exist only to train what the guard locks.
@@ -92,6 +92,8 @@ class Policy:
     """Allowed methods ('full', 'lora')."""
     optimizers: list[str] = field(default_factory=lambda: ["adamw"])
     """Allowed train.optimizer values."""
+    optimizer_states: list[str] = field(default_factory=lambda: ["fp32"])
+    """Allowed train.optimizer_states values (the engine AdamW's moments: fp32, bf16, 8bit)."""
     max_weight_decay: float = 0.1
     """Largest decoupled weight decay (train.extra.weight_decay)."""
     signature: SignaturePolicy = field(default_factory=SignaturePolicy)
@@ -146,6 +148,8 @@ class Policy:
              f"methods must be a non-empty subset of {list(METHODS)}"),
             (bool(self.optimizers) and set(self.optimizers) <= {"adamw", "adamw8bit"},
              "optimizers must be a non-empty subset of ['adamw', 'adamw8bit']"),
+            (bool(self.optimizer_states) and set(self.optimizer_states) <= {"fp32", "bf16", "8bit"},
+             "optimizer_states must be a non-empty subset of ['fp32', 'bf16', '8bit']"),
             (self.signature.algorithm in ALGORITHMS, f"signature.algorithm must be one of {list(ALGORITHMS)}"),
             (bool(self.signature.key_file), "signature.key_file must name the publisher's verification key"),
             (self.max_images >= 1, "max_images must be >= 1"),
@@ -293,6 +297,9 @@ def extra_problems(extra: dict[str, Any], policy: Policy) -> list[str]:
         if k == "optimizer" and parsed.optimizer not in policy.optimizers:
             out.append(f"train.extra.optimizer {parsed.optimizer!r} is not allowed by the policy "
                        f"(allowed: {policy.optimizers})")
+        if k == "optimizer_states" and parsed.optimizer_states not in policy.optimizer_states:
+            out.append(f"train.extra.optimizer_states {parsed.optimizer_states!r} is not allowed by the policy "
+                       f"(allowed: {policy.optimizer_states})")
     return out
 
 

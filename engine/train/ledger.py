@@ -113,6 +113,9 @@ class Ledger:
     optimizer_state_by_key: dict[str, int]  # e.g. exp_avg, exp_avg_sq, step (bnb: state1, ...)
     activation_bytes: int | None = None
     lock_bytes: int = 0  # direction-lock bases the optimizer holds (optim.flat.FlatAdamW.lock_bytes)
+    # the largest gradient held at once when updates run in backward (optim.inbackward): no
+    # gradient outlives its update, so the step holds this instead of ``grad_bytes``
+    grad_transient_bytes: int = 0
     cuda_max_allocated: int | None = None
     cuda_max_reserved: int | None = None
     device: str = "cpu"
@@ -131,8 +134,9 @@ class Ledger:
 
     @property
     def static_bytes(self) -> int:
-        """Weights + gradients + optimizer state (+ lock bases)."""
-        return self.weight_bytes + self.grad_bytes + self.optimizer_state_bytes + self.lock_bytes
+        """Weights + gradients (persistent, or the in-backward peak) + optimizer state (+ lock bases)."""
+        return (self.weight_bytes + self.grad_bytes + self.grad_transient_bytes + self.optimizer_state_bytes
+                + self.lock_bytes)
 
     @property
     def total_bytes(self) -> int:
@@ -155,6 +159,8 @@ class Ledger:
         for dt, b in sorted(self.weights_trainable.items()):
             rows.append((f"weights trainable ({dt})", b))
         rows.append(("gradients", self.grad_bytes))
+        if self.grad_transient_bytes:
+            rows.append(("gradients (in backward)", self.grad_transient_bytes))
         rows.append(("optimizer state", self.optimizer_state_bytes))
         for k, b in sorted(self.optimizer_state_by_key.items()):
             rows.append((f"  state {k}", b))
@@ -247,5 +253,6 @@ def memory_ledger(model: nn.Module, optimizer: Any = None, *,
                   frozen_params=n_frozen, trainable_params=n_train, grad_bytes=grad_bytes,
                   optimizer_state_bytes=state_total, optimizer_state_by_key=dict(by_key),
                   activation_bytes=act, lock_bytes=int(getattr(optimizer, "lock_bytes", 0) or 0),
+                  grad_transient_bytes=int(getattr(optimizer, "peak_grad_bytes", 0) or 0),
                   cuda_max_allocated=max_alloc,
                   cuda_max_reserved=max_reserved, device=str(device))

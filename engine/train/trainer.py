@@ -27,6 +27,7 @@ from freezeasguard.engine.config import FinetuneConfig, TrainConfig, from_dict
 from freezeasguard.engine.errors import ConfigError, TrainingError
 from freezeasguard.engine.io import atomic_write_json
 from freezeasguard.engine.model.attention import set_attention_backend
+from freezeasguard.engine.model.compile import compile_regions
 from freezeasguard.engine.model.components import Components, build_components, load_components, save_components
 from freezeasguard.engine.model.data import load_dataset
 from freezeasguard.engine.model.diffusion import diffusion_loss
@@ -35,6 +36,7 @@ from freezeasguard.engine.model.presets import get_preset
 from freezeasguard.engine.model.tokenizer import caption_words
 from freezeasguard.engine.optim.groups import describe_groups
 from freezeasguard.engine.train import checkpoint as ckpt
+from freezeasguard.engine.train import update
 from freezeasguard.engine.train.batches import GlobalBatches, step_generator
 from freezeasguard.engine.train.distributed import init_distributed
 from freezeasguard.engine.train.ledger import count_saved_activations, memory_ledger
@@ -141,6 +143,9 @@ class Trainer:
         self.guard = None  # set by the default wiring (freeze.py); custom wirings may set it too
         self.named_trainable, self.optimizer = (wiring or self._default_wiring)(self.c.unet)
         self.trainable = [p for _, p in self.named_trainable]
+        update.check_setup(self.optimizer, world=self.dist.world, grad_accum=tc.grad_accum)
+        # after the wiring (the regions trace the guarded modules); names, hence the proof, unchanged
+        self.compiled = compile_regions(self.c.unet, mode=tc.compile) if tc.compile != "none" else []
         self.model: nn.Module = self.c.unet
         if self.dist.world > 1:
             self.model = DDP(self.c.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -184,8 +189,9 @@ class Trainer:
         self.guard, named, opt = apply_freeze(self.cfg, unet, self.device)
         if self.dist.is_main:
             if self.guard.mask is not None:
-                log.info("freeze (%s): %s; %d frozen convs without saved input", self.cfg.freeze.mode,
-                         self.guard.mask.summary(), self.guard.frozen_convs)
+                log.info("freeze (%s): %s; %d frozen convs without saved input; frozen prefix run without "
+                         "autograd: %s", self.cfg.freeze.mode, self.guard.mask.summary(), self.guard.frozen_convs,
+                         ", ".join(self.guard.prefix) or "none")
             if self.guard.lock is not None:
                 log.info("direction locks: %d tensors, %s locked degrees of freedom", len(self.guard.lock),
                          f"{self.guard.lock.dof:,}")
@@ -303,6 +309,7 @@ class Trainer:
                                           noise[ch].to(self.device), t[ch].to(self.device))
                 if counting:
                     saved = saved_now
+                update.before_backward(self.optimizer, loss, self.step)
                 (loss * (len(ch) / len(idx))).backward()
             total += loss.detach() * (len(ch) / len(idx))
         if self.dist.world > 1:
@@ -312,18 +319,8 @@ class Trainer:
         if not math.isfinite(loss_value):
             raise TrainingError(f"loss is {loss_value} at step {self.step} (lr {self.scheduler.get_last_lr()[0]:g}); "
                                 "lower train.lr, enable clipping, or check the data")
-        if hasattr(self.optimizer, "clip_grad_norm_"):  # flat buffer: one reduction, clip in-kernel
-            gn = float(self.optimizer.clip_grad_norm_(tc.max_grad_norm))
-        elif tc.max_grad_norm is not None:
-            gn = float(torch.nn.utils.clip_grad_norm_(self.trainable, tc.max_grad_norm))
-        else:
-            gn = float(torch.linalg.vector_norm(torch.stack(
-                [p.grad.norm() for p in self.trainable if p.grad is not None])))
         lr = self.scheduler.get_last_lr()[0]
-        if not math.isfinite(gn):
-            raise TrainingError(f"gradient norm is {gn} at step {self.step} (loss {loss_value:.4g}): nothing was "
-                                "updated; lower train.lr, check the data, or use train.mixed_precision=fp32")
-        self.optimizer.step()
+        gn = update.apply_update(self.optimizer, self.trainable, tc.max_grad_norm, step=self.step, loss=loss_value)
         self.scheduler.step()
         if self.measure_memory:
             frozen = self.guard.frozen_names if self.guard is not None else None

@@ -5,7 +5,10 @@
   frozen weights kept in fp32 (what a hand-written freezing script does).
 * ``engine``: the tensor guard enforced in full (``guard.tensor.enforce``: frozen tensors out of
   autograd, held in bf16 under bf16 autocast, frozen convs without saved input), and the trainable
-  tensors as views of one flat buffer stepped by ``FlatAdamW`` (``optim.flat``).
+  tensors as views of one flat buffer stepped by ``FlatAdamW`` (``optim.flat``), with fp32, bf16 or
+  8-bit moments (``train.optimizer_states``), optionally updated inside backward with no gradient
+  buffer (``train.update_in_backward``, ``optim.inbackward``), and the frozen prefix of the forward
+  run under no_grad (``freeze.prefix_skip``, ``guard.prefix``).
 
 A manifest with direction locks (``guard.subspace``) adds them to any mode with a manifest: the
 flat buffer projects locked tensors' updates inside its step; torch AdamW and 8-bit AdamW get step
@@ -25,10 +28,12 @@ from torch import nn
 
 from freezeasguard.engine.config import FinetuneConfig
 from freezeasguard.engine.errors import ConfigError
+from freezeasguard.engine.guard.prefix import install_prefix_skip
 from freezeasguard.engine.guard.tensor import TensorGuard, build_mask, enforce, frozen_storage_dtype
 from freezeasguard.engine.optim.factory import make_optimizer
 from freezeasguard.engine.optim.flat import FlatAdamW
 from freezeasguard.engine.optim.groups import param_groups
+from freezeasguard.engine.optim.inbackward import InBackwardAdamW
 from freezeasguard.engine.optim.project import register_lock_hooks
 
 
@@ -61,6 +66,10 @@ def apply_freeze(cfg: FinetuneConfig, unet: nn.Module, device: torch.device) -> 
         if bases:
             register_lock_hooks(opt, named, bases)
     else:
-        opt = FlatAdamW(named, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, weight_decay=tc.weight_decay,
-                        locks=bases)
+        kw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, weight_decay=tc.weight_decay, locks=bases,
+                  states=tc.optimizer_states, seed=tc.seed)
+        opt = InBackwardAdamW(named, max_grad_norm=tc.max_grad_norm, **kw) if tc.update_in_backward \
+            else FlatAdamW(named, **kw)
+    if fc.prefix_skip:
+        guard.prefix = install_prefix_skip(unet, frozen)
     return guard, named, opt
