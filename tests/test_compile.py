@@ -254,3 +254,36 @@ def test_guarded_training_with_compiled_regions_is_proven_and_close_to_eager(twi
         upd = {k: torch.cat([(m[n].detach() - before[n]).reshape(-1) for n, _ in comp.named_trainable])
                for k, m in (("c", live), ("e", pe), ("r", pr))}
         assert _rel(upd["c"], upd["r"]) <= _bf16_bound(_rel(upd["e"], upd["r"]))
+
+
+def _saved_shapes(tr) -> list[tuple[tuple[int, ...], int]]:
+    """(shape, bytes) of each storage one training forward of ``tr`` saves for backward (parameters
+    excluded); gradients it leaves are zeroed."""
+    unet = tr.c.unet
+    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    seen: dict[int, tuple[tuple[int, ...], int]] = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in params:
+            seen.setdefault(key, (tuple(t.shape), t.untyped_storage().nbytes()))
+        return t
+
+    x, t = torch.randn(8, 3, 16, 16), torch.tensor([3, 100, 200, 300, 400, 500, 600, 999])
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=tr.cfg.train.mixed_precision == "bf16")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v), amp:
+        loss = unet(x, t, encoder_hidden_states=torch.randn(8, 77, 32)).sample.float().square().mean()
+    loss.backward()
+    tr.optimizer.zero_grad()
+    return list(seen.values())
+
+
+def test_compiled_regions_save_no_more_than_eager(twins):
+    """AOTAutograd's partitioner picks what a compiled region saves, not autograd's per-op rules;
+    FrozenConv2d's point (no input saved, no weight copy) must survive it. Inductor's layout
+    optimization would save a channels-last copy of each conv weight (compile_regions turns it off)."""
+    eager, comp = twins["eager"], twins["comp"]
+    e, c = _saved_shapes(eager), _saved_shapes(comp)
+    frozen_w = {tuple(m.weight.shape) for m in comp.c.unet.modules() if isinstance(m, FrozenConv2d)}
+    assert sum(s in frozen_w for s, _ in c) <= sum(s in frozen_w for s, _ in e)
+    assert sum(b for _, b in c) <= sum(b for _, b in e), (sum(b for _, b in c), sum(b for _, b in e))

@@ -26,23 +26,34 @@ gradients still reach the ``AccumulateGrad`` nodes outside the graph, which add 
 gradient buffer's views.
 
 What was measured (CPU, 1 thread, torch 2.13, diffusers 0.42, ``small`` preset at 64 px, batch 4,
-bf16 autocast, engine mode with 50% of the parameters frozen by a random mask; median of 10 steps
-after warm-up, the three setups interleaved; Inductor's layout optimization off, see
-``INDUCTOR_OPTIONS``):
+bf16 autocast, engine mode with 50% of the parameters frozen by a random mask, ``Trainer.train_step``
+timed with steps of the three runs interleaved after 5 warm-up steps; a shared 2-core VM whose
+speed drifted by 40% between runs, so only same-run ratios mean anything):
 
-* eager 0.575 s; ``blocks`` 0.573 s (1.00x); ``layers`` 0.605 s (1.05x): on this CPU compiled
-  regions do not pay (the step is dominated by the convolutions and GEMMs, which Inductor hands to
-  the same oneDNN/BLAS kernels);
-* first (compiling) step with a cold Inductor cache: ``blocks`` 519 s, ``layers`` 391 s (with a
-  warm cache 75-82 s and 49-51 s);
-* no graph breaks and no recompiles in either mode: Dynamo traces ``FrozenConv2d``'s
-  ``autograd.Function`` (forward and backward) and diffusers' ``AttnProcessor2_0`` (SDPA) into the
-  region's graph;
-* saved activations (``train.ledger.count_saved_activations``): 52.9 MB eager, 46.5 MB ``blocks``
-  (0.88x), 46.8 MB ``layers``: AOTAutograd saves fewer, fused intermediates. With layout
-  optimization on, 58.1 MB (1.10x), the channels-last copies of the conv weights.
+* step time, median over 30 steps, compiled / eager: ``blocks`` 1.00 (0.573 s vs 0.575 s),
+  ``layers`` 1.05 (0.605 s); the fastest step: ``blocks`` 0.92, ``layers`` 1.03. Three earlier
+  runs (with layout optimization on) gave the same picture: ``blocks`` 0.97-1.07, ``layers``
+  0.97-1.06 by median, ``blocks`` the fastest single step every time. At this size a CPU step is
+  convolutions and matmuls, which Inductor hands to the same oneDNN/BLAS kernels eager uses; what it
+  fuses (norms, activations, adds) is a small share. Regional compile does not pay on a CPU.
+* compile time (the first step): ``blocks`` 519 s, ``layers`` 391 s with a cold Inductor cache
+  (kernels are built by g++, ~2 s each); 50-80 s with a warm one (``/tmp/torchinductor_<user>``).
+* graph breaks: none in either mode. Dynamo traces ``FrozenConv2d``'s ``autograd.Function``
+  (forward and backward) and diffusers' ``AttnProcessor2_0`` (SDPA) into the region's graph.
+* saved activations (``train.ledger.count_saved_activations``; a compiled region's saved tensors go
+  through the same ``saved_tensors_hooks``, so the ledger still sees them): eager 52.9 MB in 801
+  storages; ``blocks`` 46.5 MB in 757, ``layers`` 46.8 MB in 761. AOTAutograd's partitioner, not
+  autograd's per-op rules, picks what is saved: it recomputes cheap pointwise ops (casts, adds,
+  activations) instead of keeping their outputs. With Inductor's default layout optimization it was
+  58.1 MB instead: a channels-last copy of every conv weight made inside the graph and saved for
+  backward, for a ``FrozenConv2d`` exactly the weight copy it exists to avoid. ``INDUCTOR_OPTIONS``
+  turns it off (measured: no change in step time).
 
-``DEFAULT_MODE`` is the faster of the two there.
+``DEFAULT_MODE`` is ``blocks``: within noise of eager in every run and the fastest single step in
+all four, while ``layers`` had the slowest median in three of four; 9 regions instead of 38 (fewer
+guard checks per step); and at most 3 regions share one ``forward`` on an SD-shaped UNet (``layers``:
+22 ResnetBlock2D, each its own cache entry, see ``_raise_recompile_limits``). ``layers`` compiles
+about 25% faster.
 """
 from __future__ import annotations
 
