@@ -183,7 +183,7 @@ class FinetuneConfig:
             (self.freeze.ratio is None or 0.0 <= self.freeze.ratio <= 1.0, "freeze.ratio must be in [0, 1]"),
             (self.freeze.frozen_dtype in ("auto", "fp32", "bf16"), "freeze.frozen_dtype must be auto|fp32|bf16"),
             (self.train.optimizer_states in ("fp32", "bf16", "8bit"), "train.optimizer_states must be fp32|bf16|8bit"),
-            (self.train.optimizer_states == "fp32"
+            (self.train.optimizer_states not in ("bf16", "8bit")
              or (self.freeze.mode == "engine" and self.train.optimizer == "adamw"),
              "train.optimizer_states=bf16|8bit needs freeze.mode=engine and train.optimizer=adamw (the flat AdamW; "
              "train.optimizer=adamw8bit is bitsandbytes' per-tensor 8-bit AdamW)"),
