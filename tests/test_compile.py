@@ -62,12 +62,6 @@ def _needs_inductor():
         pytest.skip(why)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()  # cache entries of earlier tests must not count against the recompile limits
-    yield
-
-
 # ----------------------------------------------------------------------------- names and modes
 @pytest.mark.parametrize("mode", MODES)
 def test_compile_regions_keeps_every_name(tmp_path, mode):
@@ -176,7 +170,7 @@ def twins(request, tmp_path_factory):
     fp32 run they are both measured against."""
     _needs_inductor()
     precision = request.param
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # cache entries of other tests must not count against the recompile limits
     counters.clear()
     tmp = tmp_path_factory.mktemp(f"compile-{precision}")
     base = build_components("tiny", seed=0)
@@ -287,3 +281,22 @@ def test_compiled_regions_save_no_more_than_eager(twins):
     frozen_w = {tuple(m.weight.shape) for m in comp.c.unet.modules() if isinstance(m, FrozenConv2d)}
     assert sum(s in frozen_w for s, _ in c) <= sum(s in frozen_w for s, _ in e)
     assert sum(b for _, b in c) <= sum(b for _, b in e), (sum(b for _, b in c), sum(b for _, b in e))
+
+
+def test_train_compile_reaches_the_trainer_after_the_wiring(tmp_path, monkeypatch):
+    from helpers import tiny_config, tiny_digits
+
+    from freezeasguard.engine.optim.flat import FlatAdamW
+    from freezeasguard.engine.train import trainer as trainer_mod
+
+    seen = []
+
+    def record(unet, *, mode):
+        # by now the guard is in force and the trainable tensors are views of the flat buffer
+        seen.append((mode, any(not p.requires_grad for p in unet.parameters())))
+        return ["down_blocks.0"]
+
+    monkeypatch.setattr(trainer_mod, "compile_regions", record)
+    tr = trainer_mod.Trainer(tiny_config(tmp_path, "freeze.mode=engine", "freeze.ratio=0.5", "train.compile=layers"),
+                             dataset=tiny_digits())
+    assert seen == [("layers", True)] and tr.compiled == ["down_blocks.0"] and isinstance(tr.optimizer, FlatAdamW)

@@ -23,7 +23,9 @@ again (Dynamo's guards see the dtype, ``requires_grad`` and class changes the gu
 work done for the unguarded graphs is wasted. The flat optimizer's ``p.data = flat[...]`` views need
 nothing: parameters are graph inputs, read through their current storage at every call, and their
 gradients still reach the ``AccumulateGrad`` nodes outside the graph, which add into the flat
-gradient buffer's views.
+gradient buffer's views. Forward hooks on a region (``guard.prefix``'s no_grad hooks on the frozen
+top-level stages) are not part of its graph: Dynamo runs ``Module._call_impl`` as Python and traces
+the hooks as small frames of their own, the region's ``forward`` under the grad mode they set.
 
 What was measured (CPU, 1 thread, torch 2.13, diffusers 0.42, ``small`` preset at 64 px, batch 4,
 bf16 autocast, engine mode with 50% of the parameters frozen by a random mask, ``Trainer.train_step``
