@@ -98,6 +98,19 @@ def record_timing(benchmark, info: dict, bytes_per_step: float) -> None:
         info["gb_per_s"] = bytes_per_step / median / 1e9 if median > 0 else math.nan
 
 
+def tensor_groups(param: torch.Tensor, grad: torch.Tensor, tensors: list[tuple[int, bool]]) -> list[dict]:
+    """Per-tensor parameters viewing ``param`` (gradients viewing ``grad``), in two weight-decay groups
+    (decay tensors first), as a training script hands them to a per-tensor optimizer."""
+    params, off = [], 0
+    for s, _ in tensors:
+        p = torch.nn.Parameter(param[off:off + s])
+        p.grad = grad[off:off + s]
+        params.append(p)
+        off += s
+    n_decay = sum(1 for _, d in tensors if d)
+    return [{"params": params[:n_decay]}, {"params": params[n_decay:], "weight_decay": 0.0}]
+
+
 def make_step(provider: str, tensors: list[tuple[int, bool]]):
     """Build the buffers; return (step fn, bytes moved per element, known launches per step)."""
     n = sum(s for s, _ in tensors)
@@ -131,14 +144,7 @@ def make_step(provider: str, tensors: list[tuple[int, bool]]):
         launches = adamw_launches(n, "triton") if backend == "triton" else (2 if decay_end not in (0, n) else 1)
         return step, bytes_per_element(param.dtype, grad.dtype), launches
 
-    params, off = [], 0
-    for s, _ in tensors:
-        p = torch.nn.Parameter(param[off:off + s])
-        p.grad = grad[off:off + s]
-        params.append(p)
-        off += s
-    n_decay = sum(1 for _, d in tensors if d)
-    groups = [{"params": params[:n_decay]}, {"params": params[n_decay:], "weight_decay": 0.0}]
+    groups = tensor_groups(param, grad, tensors)
     if provider == "bnb_adamw8bit":
         import bitsandbytes as bnb
 

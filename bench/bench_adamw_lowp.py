@@ -35,7 +35,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adamw_cases import DEVICE, SD15_NUMEL, layout, profiled_cuda_kernels, record_timing, sync  # noqa: E402
+from adamw_cases import (  # noqa: E402
+    DEVICE,
+    SD15_NUMEL,
+    layout,
+    profiled_cuda_kernels,
+    record_timing,
+    sync,
+    tensor_groups,
+)
 
 from freezeasguard.engine.backends import bitsandbytes_backend, triton_backend  # noqa: E402
 from freezeasguard.kernels.adamw import fused_adamw_  # noqa: E402
@@ -131,14 +139,7 @@ def make_step(provider: str, tensors: list[tuple[int, bool]]):
     assert provider == "bnb_adamw8bit_tensors", provider
     import bitsandbytes as bnb
 
-    params, off = [], 0
-    for s, _ in tensors:
-        p = torch.nn.Parameter(param[off:off + s])
-        p.grad = grad[off:off + s]
-        params.append(p)
-        off += s
-    n_decay = sum(1 for _, d in tensors if d)
-    groups = [{"params": params[:n_decay]}, {"params": params[n_decay:], "weight_decay": 0.0}]
+    groups = tensor_groups(param, grad, tensors)
     opt = bnb.optim.AdamW8bit(groups, lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"],
                               weight_decay=HP["weight_decay"], min_8bit_size=BNB_MIN_8BIT)
     small = sum(s for s, _ in tensors if s < BNB_MIN_8BIT)

@@ -127,6 +127,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from freezeasguard.kernels.adamw_bf16 import adamw_math
+
     @triton.jit
     def _nearest(x, mid_ptr):
         """Index of the nearest table entry: #(midpoints < x), by binary search over 255 sorted midpoints."""
@@ -164,14 +166,8 @@ if HAS_TRITON:
 
         if HAS_SCALE:
             g = g * tl.load(scale_ptr)
-        p = tl.where(offs < decay_end, p * decay_factor, p)
-        if LERP_FROM_END:
-            m = g - (g - m) * (1.0 - w1)
-        else:
-            m = m + w1 * (g - m)
-        v = v * beta2 + omb2 * g * g
-        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-        p = p + tl.minimum(tl.maximum(tl.div_rn(neg_step * m, denom), -max_step), max_step)
+        p, m, v = adamw_math(p, g, m, v, offs < decay_end, decay_factor, w1, beta2, omb2, bc2_sqrt, neg_step, eps,
+                             max_step, LERP_FROM_END)
         tl.store(p_ptr + offs, p, mask=mask)
 
         m = tl.where(mask, m, 0.0)

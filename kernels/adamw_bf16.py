@@ -243,6 +243,20 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def adamw_math(p, g, m, v, in_decay, decay_factor, w1, beta2, omb2, bc2_sqrt, neg_step, eps, max_step,
+                   LERP_FROM_END: tl.constexpr):
+        """fp32 AdamW on fp32 lanes, op for op as ``adamw_math_ref`` (the compact kernels share it)."""
+        p = tl.where(in_decay, p * decay_factor, p)
+        if LERP_FROM_END:
+            m = g - (g - m) * (1.0 - w1)
+        else:
+            m = m + w1 * (g - m)
+        v = v * beta2 + omb2 * g * g
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p + tl.minimum(tl.maximum(tl.div_rn(neg_step * m, denom), -max_step), max_step)
+        return p, m, v
+
+    @triton.jit
     def _mix32(x):
         x = x ^ (x >> 16)
         x = x * 0x7FEB352D
@@ -278,14 +292,8 @@ if HAS_TRITON:
         v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
         if HAS_SCALE:
             g = g * tl.load(scale_ptr)
-        p = tl.where(offs < decay_end, p * decay_factor, p)
-        if LERP_FROM_END:
-            m = g - (g - m) * (1.0 - w1)
-        else:
-            m = m + w1 * (g - m)
-        v = v * beta2 + omb2 * g * g
-        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-        p = p + tl.minimum(tl.maximum(tl.div_rn(neg_step * m, denom), -max_step), max_step)
+        p, m, v = adamw_math(p, g, m, v, offs < decay_end, decay_factor, w1, beta2, omb2, bc2_sqrt, neg_step, eps,
+                             max_step, LERP_FROM_END)
 
         idx = offs.to(tl.int64) + offset  # the absolute element index feeds the hash
         lo = idx.to(tl.uint32)

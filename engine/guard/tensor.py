@@ -112,6 +112,13 @@ def frozen_storage_dtype(fc: FreezeConfig, mixed_precision: str) -> torch.dtype 
     return dtype
 
 
+def fp32_param_names(unet: nn.Module) -> set[str]:
+    """Parameters that stay fp32 under bf16 frozen storage: those of norm layers, which autocast runs
+    in fp32 (CPU kernels refuse bf16 norm weights with fp32 inputs)."""
+    return {f"{m}.{k}" if m else k for m, mod in unet.named_modules()
+            if isinstance(mod, (nn.GroupNorm, nn.LayerNorm)) for k, _ in mod.named_parameters(recurse=False)}
+
+
 def enforce(guard: TensorGuard, unet: nn.Module, *, frozen_dtype: torch.dtype | None = None,
             frozen_conv: bool = False) -> None:
     """Take the frozen tensors out of autograd; optionally hold them in ``frozen_dtype`` and run
@@ -124,8 +131,7 @@ def enforce(guard: TensorGuard, unet: nn.Module, *, frozen_dtype: torch.dtype | 
         guard.frozen_dtype = frozen_dtype
         # Norm layers run in fp32 under autocast (and CPU kernels refuse bf16 norm weights with fp32
         # inputs): their few parameters stay fp32. Every other frozen tensor feeds a bf16 op.
-        fp32_ops = {f"{m}.{k}" if m else k for m, mod in unet.named_modules()
-                    if isinstance(mod, (nn.GroupNorm, nn.LayerNorm)) for k, _ in mod.named_parameters(recurse=False)}
+        fp32_ops = fp32_param_names(unet)
         with torch.no_grad():
             for n in sorted(frozen - fp32_ops):
                 p = params[n]

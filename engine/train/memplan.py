@@ -26,9 +26,8 @@ from typing import Iterable
 
 from torch import nn
 
+from freezeasguard.engine.guard.tensor import fp32_param_names
 from freezeasguard.engine.optim.states import BLOCK, alignment, check_kind
-
-NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass(frozen=True)
@@ -59,11 +58,6 @@ class MemoryPlan:
                           cut(self.grad_transient_bytes), cut(self.optimizer_state_bytes))
 
 
-def norm_param_names(model: nn.Module) -> set[str]:
-    return {f"{m}.{k}" if m else k for m, mod in model.named_modules() if isinstance(mod, NORM_TYPES)
-            for k, _ in mod.named_parameters(recurse=False)}
-
-
 def memory_plan(model: nn.Module, frozen: Iterable[str], *, mode: str = "engine", states: str = "fp32",
                 in_backward: bool = False, frozen_bf16: bool = True) -> MemoryPlan:
     """The static memory of training ``model`` with ``frozen`` tensors under ``mode``.
@@ -86,7 +80,7 @@ def memory_plan(model: nn.Module, frozen: Iterable[str], *, mode: str = "engine"
     unknown = sorted(frozen - set(params))
     if unknown:
         raise ValueError(f"frozen names not in the model: {unknown[:5]}")
-    norms = norm_param_names(model) if mode == "engine" and frozen_bf16 else set()
+    norms = fp32_param_names(model) if mode == "engine" and frozen_bf16 else set()
     trainable = [p.numel() for n, p in params.items() if n not in frozen]
     n_frozen = sum(params[n].numel() for n in frozen)
     frozen_w = sum(params[n].numel() * (4 if (n in norms or not (mode == "engine" and frozen_bf16)) else 2)
