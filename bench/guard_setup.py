@@ -167,7 +167,7 @@ def new_components(words: tuple[str, ...], seed: int = 0, preset: Preset = BENCH
     # ignore the prompt); with v-prediction the gap is 0.11 after 600 steps and samples follow it.
     schedule = NoiseSchedule(beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                              prediction_type="v_prediction")
-    return Components(unet, te, tok, None, schedule, preset.resolution, source=preset.name)
+    return Components(unet, [te], [tok], None, schedule, preset.resolution, source=preset.name)
 
 
 def pretrain_base(world: World, out: Path, *, steps: int, batch_size: int, lr: float, seed: int = 0,

@@ -17,8 +17,8 @@ def test_preset_sizes():
     n_t, n_p = P.param_summary(P.build_unet("small", device="meta"))
     assert n_t == 686 and 10e6 <= n_p <= 30e6  # SD1.5's block structure at CPU size
     assert P.param_summary(P.build_unet("tiny", device="meta"))[1] < 1e6
-    with pytest.raises(errors.ModelError, match="unknown model preset 'sd3'"):
-        P.build_unet("sd3")
+    with pytest.raises(errors.ModelError, match="unknown model preset 'sd4'"):
+        P.build_unet("sd4")
 
 
 def test_offline_word_tokenizer_and_text_encoder():

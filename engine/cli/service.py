@@ -50,7 +50,7 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
         caps = {k: getattr(args, k) for k in ("max_lr", "max_steps", "max_batch_size", "min_guard_share")
                 if getattr(args, k) is not None}
         policy = policy_for(manifests, args.key_file, args.base, log_key_file=args.log_key,
-                            text_encoder=base.text_encoder, **caps)
+                            text_encoder=base.text_encoders, **caps)
     except (ConfigError, ManifestError, SignatureError, ModelError) as exc:
         print(f"freezeasguard policy init: error: {exc}", file=sys.stderr)
         return 2

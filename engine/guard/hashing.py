@@ -94,7 +94,9 @@ def model_fingerprint(tensors: NamedTensors, *, digests: Mapping[str, str] | Non
 
 _FOLDER_TAG = b"freezeasguard.model-folder/1\x00"
 # What load_components reads: every file of these component folders, and the folder's index.
-MODEL_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")
+# Every family's folders (model.families): a denoiser folder, up to three text encoders and tokenizers.
+MODEL_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                    "tokenizer_2", "tokenizer_3", "scheduler", "vae")
 MODEL_INDEX = "model_index.json"
 
 

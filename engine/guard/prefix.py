@@ -1,4 +1,4 @@
-"""The frozen prefix of the UNet's forward, run without autograd.
+"""The frozen prefix of the denoiser's forward, run without autograd.
 
 When every tensor of the modules that run first (time embedding, ``conv_in``, the first down
 blocks, ...) is frozen and their inputs need no gradient, nothing in that part of the forward needs
@@ -14,7 +14,7 @@ gradient).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -38,11 +38,13 @@ def forward_order(unet: nn.Module) -> list[str]:
     return order
 
 
-def frozen_prefix(unet: nn.Module, frozen: Iterable[str]) -> list[str]:
-    """The longest run of stages from the start of the forward whose parameters are all frozen."""
+def frozen_prefix(unet: nn.Module, frozen: Iterable[str], order: Sequence[str] | None = None) -> list[str]:
+    """The longest run of stages from the start of the forward whose parameters are all frozen.
+
+    ``order``: the model's stages in forward order (``Family.forward_stages``; default a UNet's)."""
     frozen = set(frozen)
     out = []
-    for stage in forward_order(unet):
+    for stage in (forward_order(unet) if order is None else order):
         names = [f"{stage}.{n}" for n, _ in unet.get_submodule(stage).named_parameters()]
         if any(n not in frozen for n in names):
             break
@@ -73,11 +75,11 @@ def _leave(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:  # n
     torch.set_grad_enabled(mod._freezeasguard_grad_stack.pop())
 
 
-def install_prefix_skip(unet: nn.Module, frozen: Iterable[str]) -> tuple[str, ...]:
+def install_prefix_skip(unet: nn.Module, frozen: Iterable[str], order: Sequence[str] | None = None) -> tuple[str, ...]:
     """Make every stage of the frozen prefix run under no_grad whenever none of its inputs requires
     grad (forward hooks, so copies of the model carry them; the grad mode is restored even when the
-    forward raises); returns the stages."""
-    stages = frozen_prefix(unet, frozen)
+    forward raises); returns the stages. ``order`` as for ``frozen_prefix``."""
+    stages = frozen_prefix(unet, frozen, order)
     for stage in stages:
         mod = unet.get_submodule(stage)
         if hasattr(mod, "_freezeasguard_grad_stack"):

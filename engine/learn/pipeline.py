@@ -122,9 +122,8 @@ def build_learner(cfg: MaskLearnConfig, *, components: Components | None = None,
     if ds.resolution != c.resolution:
         raise MaskLearnError(f"dataset resolution {ds.resolution} != model resolution {c.resolution}")
     device = resolve_device(cfg.device)
-    for m in (c.text_encoder, c.vae):
-        if m is not None:
-            m.requires_grad_(False).eval()
+    for m in c.frozen_networks:
+        m.requires_grad_(False).eval()
     c.to(device)
     set_attention_backend(c.unet, "auto")
     ckpt_root = Path(cfg.work_dir) / "checkpoints" if cfg.work_dir else None

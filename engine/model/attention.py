@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 
 import torch
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import (
     Attention,
     AttnAddedKVProcessor2_0,
     AttnProcessor2_0,
+    JointAttnProcessor2_0,
     XFormersAttnAddedKVProcessor,
     XFormersAttnProcessor,
+    XFormersJointAttnProcessor,
 )
 
 from freezeasguard.engine.backends import Backend, xformers_backend
@@ -72,7 +75,10 @@ def resolve_attention_backend(backend: str = "auto", device: torch.device | str 
 def set_attention_backend(model: torch.nn.Module, backend: str = "auto") -> str:
     """Install diffusers' processor for the chosen backend on every ``Attention`` module of ``model``.
 
-    Modules with added key/value projections get the matching ``AttnAddedKV`` processor.
+    Modules with added key/value projections get the matching ``AttnAddedKV`` processor; SD3's
+    joint (text + image) attention the joint processor of the backend; Flux's attention modules,
+    which diffusers runs through its attention dispatcher, that dispatcher's backend ('native' is
+    torch SDPA).
 
     Returns:
         The backend that runs: 'xformers' or 'sdpa'.
@@ -83,8 +89,19 @@ def set_attention_backend(model: torch.nn.Module, backend: str = "auto") -> str:
     param = next(model.parameters(), None)
     chosen, why = resolve_attention_backend(backend, param.device if param is not None else "cpu")
     modules = {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
+    dispatched = [m for m in model.modules() if isinstance(m, AttentionModuleMixin) and not isinstance(m, Attention)]
+    if dispatched and not modules:
+        model.set_attention_backend("xformers" if chosen == "xformers" else "native")
+        logger.info("attention: %s on %d attention modules (%s)", chosen, len(dispatched), why)
+        return chosen
     if not modules:
         raise ValueError(f"{type(model).__name__} has no diffusers Attention module to set a backend on")
+    joint = {n for n, m in modules.items() if isinstance(m.processor, (JointAttnProcessor2_0, XFormersJointAttnProcessor))}
+    if joint:
+        proc = XFormersJointAttnProcessor if chosen == "xformers" else JointAttnProcessor2_0
+        model.set_attn_processor({f"{n}.processor": proc() for n in modules})
+        logger.info("attention: %s on %d joint Attention modules (%s)", chosen, len(modules), why)
+        return chosen
     plain, added = (XFormersAttnProcessor, XFormersAttnAddedKVProcessor) if chosen == "xformers" else \
         (AttnProcessor2_0, AttnAddedKVProcessor2_0)
     # set_attn_processor keys its mapping by "<module>.processor".

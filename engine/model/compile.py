@@ -69,17 +69,22 @@ from collections import Counter
 import torch
 import torch._dynamo
 import torch._inductor.config as inductor_config
+from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch import nn
 from torch.utils._triton import has_triton
 
-from freezeasguard.engine.errors import BackendError
+from freezeasguard.engine.errors import BackendError, ModelError
+from freezeasguard.engine.model.families import family_of
 
 MODES = ("blocks", "layers")
 DEFAULT_MODE = "blocks"
 SLOTS_PER_REGION = 4  # Dynamo cache entries allowed per compiled region (see _raise_recompile_limits)
-_LAYER_TYPES = (ResnetBlock2D, Transformer2DModel)
+# A diffusion transformer's blocks are its layers: its 'layers' regions are its 'blocks' regions.
+_LAYER_TYPES = (ResnetBlock2D, Transformer2DModel, JointTransformerBlock, FluxTransformerBlock,
+                FluxSingleTransformerBlock)
 # Inductor's layout optimization makes a channels-last copy of every conv weight inside the graph and
 # saves it for backward: for a FrozenConv2d that is one more bf16 copy of a frozen weight held from
 # forward to backward, the cost the frozen conv path exists to avoid (see the module docstring).
@@ -89,20 +94,24 @@ INDUCTOR_OPTIONS = {"layout_optimization": False}
 def region_names(unet: nn.Module, mode: str = DEFAULT_MODE) -> list[str]:
     """Qualified names of the modules ``compile_regions`` compiles in ``mode``, in module order.
 
-    ``blocks``: each entry of ``down_blocks``, ``mid_block`` and each entry of ``up_blocks``.
-    ``layers``: each ``ResnetBlock2D`` and ``Transformer2DModel`` (attention + feed-forward).
+    ``blocks``: the family's repeated blocks (``Family.blocks``): for a UNet each entry of
+    ``down_blocks``, ``mid_block`` and each entry of ``up_blocks``; for a diffusion transformer
+    each transformer block.
+    ``layers``: each ``ResnetBlock2D`` and ``Transformer2DModel`` (attention + feed-forward), or a
+    transformer's blocks.
     """
     if mode not in MODES:
         raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
     if mode == "blocks":
-        names = [f"down_blocks.{i}" for i in range(len(getattr(unet, "down_blocks", ())))]
-        names += ["mid_block"] if getattr(unet, "mid_block", None) is not None else []
-        names += [f"up_blocks.{i}" for i in range(len(getattr(unet, "up_blocks", ())))]
+        try:
+            names = family_of(unet).blocks(unet)
+        except ModelError:
+            names = []
     else:
         names = [n for n, m in unet.named_modules() if isinstance(m, _LAYER_TYPES)]
     if not names:
-        raise ValueError(f"{type(unet).__name__} has no {mode!r} regions to compile (expected a diffusers "
-                         "UNet2DConditionModel with down_blocks/mid_block/up_blocks)")
+        raise ValueError(f"{type(unet).__name__} has no {mode!r} regions to compile (expected the denoiser "
+                         "of a supported family: a UNet2DConditionModel or a diffusion transformer)")
     return names
 
 

@@ -9,7 +9,6 @@ names. No schedule math is reimplemented here, so a setting of a real model is n
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +22,8 @@ from torch import nn
 
 from freezeasguard.engine.errors import ModelError
 from freezeasguard.engine.io import atomic_write_json
+from freezeasguard.engine.model.family import predict
+from freezeasguard.engine.model.flow import FlowSchedule, is_flow_config, read_scheduler_config
 
 CONFIG_FILE = "scheduler_config.json"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -118,30 +119,37 @@ class NoiseSchedule:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "NoiseSchedule":
-        path = Path(folder) / CONFIG_FILE
-        try:
-            cfg = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ModelError(f"{folder}: no {CONFIG_FILE}") from None
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(cfg, dict):
-            raise ModelError(f"{path}: a scheduler config is a JSON object")
-        return cls(cfg)
+        return cls(read_scheduler_config(folder))
 
 
-def diffusion_loss(unet: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cond: torch.Tensor,
+def make_schedule(config: Mapping[str, Any], prediction_type: str | None = None) -> "NoiseSchedule | FlowSchedule":
+    """The model's process from its scheduler config: flow matching for a FlowMatch scheduler, else DDPM."""
+    if is_flow_config(config):
+        return FlowSchedule(config) if prediction_type in (None, "flow") else \
+            FlowSchedule(config).with_overrides(prediction_type=prediction_type)
+    if prediction_type == "flow":
+        raise ModelError("prediction_type 'flow' needs a flow-matching scheduler (FlowMatchEulerDiscreteScheduler)")
+    return NoiseSchedule(config, **({"prediction_type": prediction_type} if prediction_type else {}))
+
+
+def load_schedule(folder: str | os.PathLike) -> "NoiseSchedule | FlowSchedule":
+    """The process a model folder's ``scheduler/`` defines."""
+    return make_schedule(read_scheduler_config(folder))
+
+def diffusion_loss(unet: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cond,
                    noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Noise-prediction MSE in fp32 (the schedule's target: epsilon, v or x0)."""
+    """Denoising MSE in fp32 (the schedule's target: epsilon, v, x0 or the flow's velocity).
+
+    ``cond`` is the family's conditioning (``model.family.Cond``) of the batch."""
     x_t = schedule.add_noise(x0, noise, t)
-    out = unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+    out = predict(unet, x_t, t, cond)
     return F.mse_loss(out.float(), schedule.target(x0, noise, t).float())
 
 
-def per_sample_diffusion_loss(unet: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cond: torch.Tensor,
+def per_sample_diffusion_loss(unet: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cond,
                               noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Noise-prediction MSE of each sample, fp32 [B] (its mean is ``diffusion_loss``)."""
+    """Denoising MSE of each sample, fp32 [B] (its mean is ``diffusion_loss``)."""
     x_t = schedule.add_noise(x0, noise, t)
-    out = unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+    out = predict(unet, x_t, t, cond)
     err = F.mse_loss(out.float(), schedule.target(x0, noise, t).float(), reduction="none")
     return err.flatten(1).mean(1)

@@ -15,24 +15,23 @@ from tqdm import tqdm
 
 from freezeasguard.engine.model.components import Components
 from freezeasguard.engine.model.data import ImageDataset
+from freezeasguard.engine.model.family import Cond
 
 
 @torch.no_grad()
 def encode_text(c: Components, prompts: list[str], device: torch.device | str = "cpu",
-                batch_size: int = 64) -> torch.Tensor:
-    """Last hidden states of the text encoder, [len(prompts), 77, D], fp32."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = c.tokenizer(prompts[i:i + batch_size], padding="max_length", truncation=True,
-                          max_length=c.tokenizer.model_max_length, return_tensors="pt").input_ids
-        out.append(c.text_encoder(ids.to(device))[0].float())
-    return torch.cat(out)
+                batch_size: int = 64) -> Cond:
+    """The model family's conditioning of ``prompts`` (fp32; for SD 1.x/2.x the text encoder's last
+    hidden states [len(prompts), 77, D])."""
+    return Cond.cat([c.encode_prompts(prompts[i:i + batch_size], device)
+                     for i in range(0, len(prompts), batch_size)])
 
 
 @torch.no_grad()
 def encode_images(c: Components, images: torch.Tensor, device: torch.device | str = "cpu",
                   batch_size: int = 32, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(mean, std) of the scaled VAE posterior; in pixel space the normalized images and None."""
+    """(mean, std) of the VAE posterior, shifted and scaled as the model's VAE config says
+    (``(z - shift_factor) * scaling_factor``); in pixel space the normalized images and None."""
     x = images.float().div(127.5).sub(1.0)
     if c.vae is None:
         return x, None
@@ -40,12 +39,12 @@ def encode_images(c: Components, images: torch.Tensor, device: torch.device | st
     rng = range(0, len(x), batch_size)
     if progress:
         rng = tqdm(rng, desc="encoding latents", unit="batch")
-    s = c.vae_scaling()
+    s, shift = c.vae_scaling(), c.vae_shift()
     for i in rng:
         dist = c.vae.encode(x[i:i + batch_size].to(device)).latent_dist
         # contiguous: the VAE hands back channels-last tensors on CPU, and torch 2.13's CPU conv
         # backward segfaults on channels-last inputs when the conv weight needs no gradient.
-        means.append((dist.mean * s).float().contiguous().cpu())
+        means.append(((dist.mean - shift) * s).float().contiguous().cpu())
         stds.append((dist.std * s).float().contiguous().cpu())
     return torch.cat(means), torch.cat(stds)
 
@@ -60,7 +59,7 @@ class EncodedData:
 
     mean: torch.Tensor
     std: torch.Tensor | None
-    cond: torch.Tensor  # [U, L, D] embeddings of the distinct captions
+    cond: Cond  # conditioning of the distinct captions, [U, ...] per tensor
     caption_index: torch.Tensor  # [N] -> row of cond
     captions: list[str]  # the distinct captions
     flipped: bool
@@ -74,7 +73,7 @@ class EncodedData:
         return tuple(self.mean.shape[1:])
 
     def batch(self, idx: torch.Tensor, flip: torch.Tensor | None, eps: torch.Tensor | None,
-              device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+              device: torch.device | str) -> tuple[torch.Tensor, Cond]:
         """x0 and text conditioning for images ``idx``.
 
         Args:
@@ -96,7 +95,7 @@ def encode_dataset(c: Components, ds: ImageDataset, *, random_flip: bool = False
     mean, std = encode_images(c, images, device=device, progress=progress)
     distinct = list(dict.fromkeys(ds.captions))
     pos = {cap: i for i, cap in enumerate(distinct)}
-    cond = encode_text(c, distinct, device=device).cpu()
+    cond = encode_text(c, distinct, device=device).to("cpu")
     index = torch.tensor([pos[cap] for cap in ds.captions], dtype=torch.long)
     return EncodedData(mean, std, cond, index, distinct, random_flip, len(ds))
 
@@ -120,7 +119,7 @@ class LiveData:
 
     @torch.no_grad()
     def batch(self, idx: torch.Tensor, flip: torch.Tensor | None, eps: torch.Tensor | None,
-              device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+              device: torch.device | str) -> tuple[torch.Tensor, Cond]:
         imgs = self.dataset.images[idx]
         if self.flipped and flip is not None:
             imgs = torch.where(flip.view(-1, 1, 1, 1), imgs.flip(-1), imgs)

@@ -1,10 +1,12 @@
-"""Model presets: the configurations of a text-to-image latent diffusion model's three networks.
+"""Model presets: the configurations of a text-to-image latent diffusion model's networks.
 
-A *preset* names a UNet (diffusers' ``UNet2DConditionModel``), a CLIP text encoder and a VAE
-configuration. ``sd15``/``sd21`` are the real Stable Diffusion shapes (build them on the ``meta``
-device to inspect them for free); ``tiny`` and ``small`` are SD-shaped models that train on a CPU.
-Nothing is downloaded: networks are initialised from these configs, or loaded from a folder
-(``model.components``).
+A *preset* names a model family (``model.families``: ``sd``, ``sdxl``, ``sd3``, ``flux``), the
+configuration of its denoiser (diffusers' ``UNet2DConditionModel``, ``SD3Transformer2DModel`` or
+``FluxTransformer2DModel``), of each of its text encoders, of its VAE and of its training process.
+``sd15``/``sd21``/``sdxl``/``sd3``/``flux`` are the real published shapes (build them on the
+``meta`` device to inspect them for free); ``tiny``, ``small`` and the ``*-tiny`` presets are
+models of the same structure that train on a CPU. Nothing is downloaded: networks are initialised
+from these configs, or loaded from a folder (``model.components``).
 """
 from __future__ import annotations
 
@@ -12,25 +14,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from freezeasguard.engine.errors import ModelError
+from freezeasguard.engine.model.families import build_text_encoder as _build_text, get_family
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Configurations of the three networks of a text-to-image latent diffusion model."""
+    """Configurations of the networks of a text-to-image latent diffusion model.
+
+    ``unet`` is the denoiser's configuration whatever its class (a UNet or a diffusion
+    transformer, per ``family``); ``text_encoder`` the first text encoder's and
+    ``extra_text_encoders`` the others', in the family's slot order (``Family.text_slots``).
+    """
 
     name: str
     unet: dict[str, Any]
     text_encoder: dict[str, Any]
     vae: dict[str, Any]
+    family: str = "sd"
+    extra_text_encoders: tuple[dict[str, Any], ...] = ()
     space: str = "latent"  # default space: 'latent' (VAE) or 'pixel'
     resolution: int = 512  # default image resolution in pixels
     prediction_type: str = "epsilon"
-    scheduler: dict[str, Any] = field(default_factory=dict)  # diffusers scheduler settings over SD v1's
+    scheduler: dict[str, Any] = field(default_factory=dict)  # settings over the family's default process
     notes: str = ""
 
 
@@ -124,6 +133,104 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# Text encoders of the published models: CLIP ViT-L/14 (SD v1, SDXL, SD3, Flux), OpenCLIP ViT-bigG/14
+# (SDXL, SD3) and T5 v1.1 XXL's encoder (SD3, Flux).
+_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               projection_dim=768, hidden_act="quick_gelu", vocab_size=49408)
+_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+               projection_dim=1280, hidden_act="gelu", vocab_size=49408)
+_T5_XXL = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128,
+               feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+_DIT_VAE = dict(_SD_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+_TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+_TINY_CLIP16 = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16)
+_TINY_T5 = dict(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, feed_forward_proj="gated-gelu",
+                is_encoder_decoder=False)
+
+
+def _tiny_vae(latent_channels: int, **extra: Any) -> dict[str, Any]:
+    return dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=latent_channels,
+                norm_num_groups=8, **extra)
+
+
+_SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+_FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                   "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                   "max_image_seq_len": 4096}
+
+PRESETS.update({
+    "sdxl-tiny": Preset(
+        name="sdxl-tiny", family="sdxl",
+        unet=dict(block_out_channels=(32, 64), layers_per_block=1,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+                  cross_attention_dim=64, attention_head_dim=(4, 8), use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8),
+        text_encoder=dict(_TINY_CLIP), extra_text_encoders=(dict(_TINY_CLIP),),
+        vae=_tiny_vae(4, scaling_factor=0.13025), resolution=32,
+        notes="SDXL's structure (size/crop conditioning, two text encoders, deeper attention at low "
+              "resolution) at CPU size; 32 px -> 16x16 latents",
+    ),
+    "sdxl": Preset(
+        name="sdxl", family="sdxl",
+        unet=dict(block_out_channels=(320, 640, 1280), layers_per_block=2,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816, norm_num_groups=32),
+        text_encoder=dict(_CLIP_L), extra_text_encoders=(dict(_CLIP_G),),
+        vae=dict(_SD_VAE, scaling_factor=0.13025), resolution=1024,
+        notes="Stable Diffusion XL base 1.0: 2,567,463,684 UNet parameters in 1,680 tensors",
+    ),
+    "sd3-tiny": Preset(
+        name="sd3-tiny", family="sd3",
+        unet=dict(patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+                  num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+                  pooled_projection_dim=32, pos_embed_max_size=16),
+        text_encoder=dict(_TINY_CLIP16), extra_text_encoders=(dict(_TINY_CLIP16), dict(_TINY_T5)),
+        vae=_tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                      use_post_quant_conv=False),
+        resolution=32, prediction_type="flow", scheduler=dict(_SD3_SCHEDULER),
+        notes="SD3's MMDiT (joint text/image attention, three text encoders, flow matching) at CPU size",
+    ),
+    "sd3": Preset(
+        name="sd3", family="sd3",
+        unet=dict(patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                  pooled_projection_dim=2048, pos_embed_max_size=192),
+        text_encoder=dict(_CLIP_L), extra_text_encoders=(dict(_CLIP_G), dict(_T5_XXL)),
+        vae=dict(_DIT_VAE, scaling_factor=1.5305, shift_factor=0.0609), resolution=1024,
+        prediction_type="flow", scheduler=dict(_SD3_SCHEDULER),
+        notes="Stable Diffusion 3 medium: 2,028,328,000 transformer parameters in 682 tensors",
+    ),
+    "flux-tiny": Preset(
+        name="flux-tiny", family="flux",
+        unet=dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=8,
+                  num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                  axes_dims_rope=(2, 2, 4)),
+        text_encoder=dict(_TINY_CLIP), extra_text_encoders=(dict(_TINY_T5),),
+        vae=_tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                      use_post_quant_conv=False),
+        resolution=32, prediction_type="flow", scheduler=dict(_FLUX_SCHEDULER),
+        notes="FLUX.1's structure (double- and single-stream blocks, RoPE, guidance embedding, flow "
+              "matching) at CPU size",
+    ),
+    "flux": Preset(
+        name="flux", family="flux",
+        unet=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                  guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+        text_encoder=dict(_CLIP_L), extra_text_encoders=(dict(_T5_XXL),),
+        vae=dict(_DIT_VAE, scaling_factor=0.3611, shift_factor=0.1159), resolution=1024,
+        prediction_type="flow", scheduler=dict(_FLUX_SCHEDULER),
+        notes="FLUX.1 [dev]: 11,901,408,320 transformer parameters in 1,160 tensors",
+    ),
+})
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
@@ -137,39 +244,52 @@ def vae_scale_factor(vae_config: dict[str, Any]) -> int:
 
 def build_unet(preset: str | Preset, *, space: str | None = None, resolution: int | None = None,
                device: str | torch.device | None = None):
-    """Build a randomly initialised UNet of a preset.
+    """Build a randomly initialised denoiser of a preset (a UNet, or a diffusion transformer).
 
     Args:
         preset: preset name or object.
-        space: 'latent' (4 channels at resolution / VAE factor) or 'pixel' (3 channels).
+        space: 'latent' (the VAE's channels at resolution / VAE factor) or 'pixel' (3 channels;
+            UNet families only).
         resolution: image resolution in pixels; defaults to the preset's.
         device: where to allocate; 'meta' builds the shapes without memory.
     """
     p = get_preset(preset) if isinstance(preset, str) else preset
+    fam = get_family(p.family)
     space = space or p.space
     resolution = resolution or p.resolution
+    if space not in ("latent", "pixel"):
+        raise ModelError(f"space must be 'latent' or 'pixel', got {space!r}")
+    if space not in fam.spaces:
+        raise ModelError(f"a {fam.name} model runs in latent space only, not {space!r}")
     if space == "latent":
         channels, size = p.vae["latent_channels"], resolution // vae_scale_factor(p.vae)
-    elif space == "pixel":
-        channels, size = 3, resolution
     else:
-        raise ModelError(f"space must be 'latent' or 'pixel', got {space!r}")
+        channels, size = 3, resolution
+    if size % fam.latent_packing:
+        raise ModelError(f"a {fam.name} model needs latents of a size divisible by {fam.latent_packing}; "
+                         f"resolution {resolution} gives {size}")
     with torch.device(device or "cpu"):
-        return UNet2DConditionModel(sample_size=size, in_channels=channels, out_channels=channels,
-                                    **p.unet)
+        return fam.build_denoiser(dict(p.unet), channels, size)
 
 
-def build_text_encoder(preset: str | Preset, tokenizer, device: str | torch.device | None = None):
+build_denoiser = build_unet
+
+
+def text_encoder_configs(preset: str | Preset) -> list[dict[str, Any]]:
     p = get_preset(preset) if isinstance(preset, str) else preset
-    cfg = dict(p.text_encoder)
-    cfg.setdefault("vocab_size", len(tokenizer))
-    if cfg["vocab_size"] < len(tokenizer):
-        raise ModelError(f"tokenizer has {len(tokenizer)} tokens, text encoder only {cfg['vocab_size']}")
-    config = CLIPTextConfig(max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                            **cfg)
+    return [dict(p.text_encoder), *(dict(c) for c in p.extra_text_encoders)]
+
+
+def build_text_encoder(preset: str | Preset, tokenizer, device: str | torch.device | None = None, slot: int = 0):
+    """The text encoder of ``slot`` (0: the first) of a preset, randomly initialised for ``tokenizer``."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    slots = get_family(p.family).text_slots
+    configs = text_encoder_configs(p)
+    if len(configs) != len(slots):
+        raise ModelError(f"preset {p.name!r} has {len(configs)} text encoder configs; a {p.family} model has "
+                         f"{len(slots)}")
     with torch.device(device or "cpu"):
-        return CLIPTextModel(config)
+        return _build_text(slots[slot].kind, configs[slot], tokenizer)
 
 
 def build_vae(preset: str | Preset, device: str | torch.device | None = None):

@@ -18,6 +18,7 @@ from freezeasguard.engine.errors import ModelError
 from freezeasguard.engine.io import atomic_write_bytes
 from freezeasguard.engine.model.components import Components
 from freezeasguard.engine.model.encode import encode_text
+from freezeasguard.engine.model.family import Cond, predict
 
 
 @torch.inference_mode()
@@ -44,30 +45,37 @@ def generate(c: Components, prompts: list[str], *, steps: int = 30, guidance: fl
     if progress:
         batches = tqdm(batches, desc="sampling", unit="batch")
     g = torch.Generator().manual_seed(seed)
-    uncond = encode_text(c, [""], device=device) if guidance != 1.0 else None
     dtype = next(c.unet.parameters()).dtype
+    # FLUX.1 [dev] is guidance-distilled: the scale is an input of the network, one pass per step.
+    embedded = bool(getattr(c.unet.config, "guidance_embeds", False))
+    uncond = encode_text(c, [""], device=device).to(dtype=dtype) if guidance != 1.0 and not embedded else None
+    flow = c.schedule.prediction_type == "flow"
     for i in batches:
         chunk = prompts[i:i + batch_size]
-        cond = encode_text(c, chunk, device=device).to(dtype)
+        cond = encode_text(c, chunk, device=device).to(dtype=dtype)
+        if embedded:
+            cond.tensors["guidance"] = torch.full((len(chunk),), float(guidance), device=device)
         shape = (len(chunk), c.latent_channels, c.latent_size, c.latent_size)
         sched = c.schedule.sampler(sampler)
-        sched.set_timesteps(steps, device=device)
-        x = torch.randn(shape, generator=g).to(device, dtype) * sched.init_noise_sigma
+        if flow:
+            c.schedule.set_sampling_timesteps(sched, steps, (c.latent_size // 2) ** 2, device)
+        else:
+            sched.set_timesteps(steps, device=device)
+        x = torch.randn(shape, generator=g).to(device, dtype) * getattr(sched, "init_noise_sigma", 1.0)
         # Stochastic samplers draw their noise from the seeded generator too.
         extra = {"generator": g} if "generator" in inspect.signature(sched.step).parameters else {}
         for t in sched.timesteps:
-            x_in = sched.scale_model_input(x, t)
+            x_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
             tb = t.expand(len(chunk)).to(device)
             if uncond is None:
-                pred = c.unet(x_in, tb, encoder_hidden_states=cond, return_dict=False)[0]
+                pred = predict(c.unet, x_in, tb, cond)
             else:
-                both = torch.cat([uncond.expand(len(chunk), -1, -1).to(dtype), cond])
-                e_u, e_c = c.unet(torch.cat([x_in, x_in]), torch.cat([tb, tb]), encoder_hidden_states=both,
-                                  return_dict=False)[0].chunk(2)
+                both = Cond.cat([uncond.expand(len(chunk)), cond])
+                e_u, e_c = predict(c.unet, torch.cat([x_in, x_in]), torch.cat([tb, tb]), both).chunk(2)
                 pred = e_u + guidance * (e_c - e_u)
             x = sched.step(pred.to(x.dtype), t, x, **extra, return_dict=False)[0]
         if c.vae is not None:
-            x = c.vae.decode(x / c.vae_scaling(), return_dict=False)[0]
+            x = c.vae.decode(x / c.vae_scaling() + c.vae_shift(), return_dict=False)[0]
         out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
     return torch.cat(out)
 

@@ -165,7 +165,7 @@ def plan_job(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLi
         problems += manifest_signature_problems(man, key)
     fingerprint, lora_modules, lora_skipped = "", [], []
     if comps is not None:
-        fingerprint, found = base_problems(policy, man, comps.unet, comps.text_encoder)
+        fingerprint, found = base_problems(policy, man, comps.unet, comps.text_encoders)
         problems += found
         # Module names resolve against the mask only when the manifest fits the model's tensors.
         if spec.method == "lora" and man is not None and not man.model_problems(comps.unet, fingerprint=False):

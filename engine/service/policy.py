@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 from torch import nn
@@ -201,8 +201,9 @@ class Policy:
 
 
 def policy_for(manifests: Manifest | list[Manifest], key_file: str | os.PathLike, base: str | os.PathLike, *,
-               log_key_file: str | os.PathLike, text_encoder: nn.Module | None = None, **caps: Any) -> Policy:
-    """A policy pinning the base model folder ``base`` (and, if given, its text encoder), accepting
+               log_key_file: str | os.PathLike, text_encoder: nn.Module | Sequence[nn.Module] | None = None,
+               **caps: Any) -> Policy:
+    """A policy pinning the base model folder ``base`` (and, if given, its text encoders), accepting
     exactly ``manifests`` (each must verify with ``key_file`` and be made for that base), with the
     service's default caps unless ``caps`` sets them; job-log entries are signed with ``log_key_file``."""
     manifests = [manifests] if isinstance(manifests, Manifest) else list(manifests)
@@ -226,7 +227,7 @@ def policy_for(manifests: Manifest | list[Manifest], key_file: str | os.PathLike
                                 "manifests": [m.digest() for m in manifests], "log_key_file": str(log_key_file),
                                 "signature": {"algorithm": key.alg, "key_file": str(key_file)}})
     if text_encoder is not None:
-        policy.text_encoder_fingerprint = model_fingerprint(text_encoder)
+        policy.text_encoder_fingerprint = text_fingerprint(text_encoder)
     problems = policy.problems()
     if problems:
         raise ConfigError("not a usable policy:\n  " + "\n  ".join(problems))
@@ -303,8 +304,17 @@ def extra_problems(extra: dict[str, Any], policy: Policy) -> list[str]:
     return out
 
 
+def text_fingerprint(encoders: nn.Module | Sequence[nn.Module]) -> str:
+    """One fingerprint of a model's text encoders: the encoder's own for one (SD 1.x/2.x), else
+    over every encoder's tensors keyed by slot ('0.', '1.', ...), so none can be swapped alone."""
+    encoders = [encoders] if isinstance(encoders, nn.Module) else list(encoders)
+    if len(encoders) == 1:
+        return model_fingerprint(encoders[0])
+    return model_fingerprint({f"{i}.{n}": t for i, e in enumerate(encoders) for n, t in e.state_dict().items()})
+
+
 def base_problems(policy: Policy, manifest: Manifest | None, unet: nn.Module,
-                  text_encoder: nn.Module | None = None) -> tuple[str, list[str]]:
+                  text_encoder: nn.Module | Sequence[nn.Module] | None = None) -> tuple[str, list[str]]:
     """Pin the base model and bind the manifest (if it could be read) to it.
 
     Returns:
@@ -323,9 +333,9 @@ def base_problems(policy: Policy, manifest: Manifest | None, unet: nn.Module,
         # The fingerprint was compared above; hashing the whole model again buys nothing.
         out += [f"manifest vs base UNet: {p}" for p in manifest.model_problems(unet, fingerprint=False)]
     if policy.text_encoder_fingerprint is not None:
-        if text_encoder is None:
+        if text_encoder is None or (not isinstance(text_encoder, nn.Module) and not list(text_encoder)):
             out.append("the policy pins a text encoder, but the base model has none")
-        elif model_fingerprint(text_encoder) != policy.text_encoder_fingerprint:
+        elif text_fingerprint(text_encoder) != policy.text_encoder_fingerprint:
             out.append("base text encoder fingerprint is not the pinned one: it was modified or replaced")
     return found, out
 

@@ -129,9 +129,8 @@ class Trainer:
             self.c.schedule = self.c.schedule.with_overrides(prediction_type=want)
         if dataset.resolution != self.c.resolution:
             raise TrainingError(f"dataset resolution {dataset.resolution} != model resolution {self.c.resolution}")
-        for m in (self.c.text_encoder, self.c.vae):
-            if m is not None:
-                m.requires_grad_(False).eval()
+        for m in self.c.frozen_networks:
+            m.requires_grad_(False).eval()
         self._set_attention()
         if tc.gradient_checkpointing:
             self.c.unet.enable_gradient_checkpointing()
@@ -228,7 +227,7 @@ class Trainer:
         return ckpt.latest_checkpoint(self.checkpoint_root)
 
     def _tokenizer_id(self) -> str:
-        return f"{type(self.c.tokenizer).__name__}/{len(self.c.tokenizer)}"
+        return "+".join(f"{type(t).__name__}/{len(t)}" for t in self.c.tokenizers)
 
     def resume(self, path: str | Path | None = None) -> int:
         """Load a checkpoint (default: the latest under out_dir); returns its step.

@@ -29,6 +29,7 @@ from torch import nn
 from freezeasguard.engine.config import FinetuneConfig
 from freezeasguard.engine.errors import ConfigError
 from freezeasguard.engine.guard.prefix import install_prefix_skip
+from freezeasguard.engine.model.families import family_of
 from freezeasguard.engine.guard.tensor import TensorGuard, build_mask, enforce, frozen_storage_dtype
 from freezeasguard.engine.optim.factory import make_optimizer
 from freezeasguard.engine.optim.flat import FlatAdamW
@@ -71,5 +72,5 @@ def apply_freeze(cfg: FinetuneConfig, unet: nn.Module, device: torch.device) -> 
         opt = InBackwardAdamW(named, max_grad_norm=tc.max_grad_norm, **kw) if tc.update_in_backward \
             else FlatAdamW(named, **kw)
     if fc.prefix_skip:
-        guard.prefix = install_prefix_skip(unet, frozen)
+        guard.prefix = install_prefix_skip(unet, frozen, family_of(unet).forward_stages(unet))
     return guard, named, opt
