@@ -27,15 +27,18 @@ from freezeasguard.engine.errors import ConfigError
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
-    """Model preset ('tiny', 'small', 'sd15', 'sd21'); ignored for shapes when `pretrained` is set."""
+    """Model preset: SD 1.x/2.x 'tiny', 'small', 'sd15', 'sd21'; 'sdxl-tiny', 'sdxl'; 'sd3-tiny', 'sd3'
+    (SD3-medium's MMDiT); 'flux-tiny', 'flux' (FLUX.1 [dev]); ignored when `pretrained` is set."""
     pretrained: str | None = None
-    """Folder in Stable Diffusion layout (unet/, text_encoder/, tokenizer/, [vae/], scheduler/)."""
+    """Folder in a diffusers pipeline's layout (unet/ or transformer/, text_encoder*/, tokenizer*/,
+    [vae/], scheduler/) of any supported family (SD 1.x/2.x, SDXL, SD3, Flux)."""
     space: str | None = None
     """'latent' (VAE) or 'pixel'; None = the preset's default."""
     resolution: int | None = None
     """Image resolution in pixels; None = the preset's (or the folder's) default."""
     prediction_type: str | None = None
-    """'epsilon' or 'v_prediction'; None = the preset's or the folder scheduler's."""
+    """'epsilon' or 'v_prediction' (UNet families); None = the preset's or the folder scheduler's
+    ('flow' for SD3 and Flux, which are trained with flow matching and take no other)."""
     attention: str = "auto"
     """Attention backend: 'auto' (xformers where it runs, else torch SDPA), 'xformers' or 'sdpa'."""
     tokenizer: str = "auto"
@@ -157,8 +160,8 @@ class FinetuneConfig:
     def validate(self) -> "FinetuneConfig":
         checks = [
             (self.model.space in (None, "latent", "pixel"), "model.space must be 'latent', 'pixel' or null"),
-            (self.model.prediction_type in (None, "epsilon", "v_prediction"),
-             "model.prediction_type must be 'epsilon', 'v_prediction' or null"),
+            (self.model.prediction_type in (None, "epsilon", "v_prediction", "flow"),
+             "model.prediction_type must be 'epsilon', 'v_prediction', 'flow' or null"),
             (self.model.attention in ("auto", "xformers", "sdpa"), "model.attention must be auto|xformers|sdpa"),
             (self.model.tokenizer in ("auto", "clip", "word"), "model.tokenizer must be auto|clip|word"),
             (self.train.steps >= 1, "train.steps must be >= 1"),
@@ -211,6 +214,12 @@ CONFIG_PRESETS: dict[str, dict[str, Any]] = {
     "sd21": {"model": {"preset": "sd21", "resolution": 768},
              "train": {"batch_size": 4, "lr": 1e-5, "steps": 2000, "mixed_precision": "bf16",
                        "gradient_checkpointing": True}},
+    **{name: {"model": {"preset": name}, "train": {"batch_size": 8, "lr": 1e-3, "steps": 100}}
+       for name in ("sdxl-tiny", "sd3-tiny", "flux-tiny")},
+    **{name: {"model": {"preset": name, "resolution": 1024},
+              "train": {"batch_size": 1, "lr": 1e-5, "steps": 2000, "mixed_precision": "bf16",
+                        "gradient_checkpointing": True}}
+       for name in ("sdxl", "sd3", "flux")},
 }
 
 

@@ -49,7 +49,8 @@ def test_trainer_targets_are_diffusers_targets_for_v_prediction_and_zero_snr(tmp
     idx, noise, t, flip, eps = tr._step_inputs(0)
     x0, cond = tr.data.batch(idx, flip, eps, tr.device)
     with torch.no_grad():
-        out = tr.c.unet(ref.add_noise(x0, noise, t), t, encoder_hidden_states=cond, return_dict=False)[0]
+        out = tr.c.unet(ref.add_noise(x0, noise, t), t, encoder_hidden_states=cond.tensors["encoder_hidden_states"],
+                         return_dict=False)[0]
         want = F.mse_loss(out.float(), ref.get_velocity(x0, noise, t).float())
     assert tr.train_step().loss == pytest.approx(float(want), rel=1e-6)
 

@@ -74,6 +74,18 @@ def test_first_run_end_to_end_as_written(tmp_path):
     assert "resumed from step 2" in [out.stdout for cmd, out in ran if "--resume" in cmd][0]
 
 
+def test_model_families_example_as_written(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    cmds = ["freezeasguard export-digits --out data/digits"]
+    cmds += [c for lang, t in _blocks("Model families") if lang == "bash" for c in _commands(_fewer_steps(t))]
+    for cmd in cmds:
+        out = subprocess.run(cmd, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"{cmd}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    final = tmp_path / "runs/flux/final"
+    assert (final / "transformer").is_dir() and (final / "text_encoder_2").is_dir() and (tmp_path / "flux.png").is_file()
+    assert '"FluxPipeline"' in (final / "model_index.json").read_text()
+
+
 @pytest.mark.slow
 def test_python_api_example_as_written(tmp_path, monkeypatch):
     code, lock_code = [t for lang, t in _blocks("Python API") if lang == "python"]

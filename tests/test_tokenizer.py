@@ -32,7 +32,7 @@ def test_different_names_never_share_a_conditioning(kind):
     c = build_components("tiny", extra_words=T.caption_words(NAMES), tokenizer=kind, seed=0)
     ids = [tuple(c.tokenizer(s).input_ids) for s in NAMES]
     assert len(set(ids)) == len(NAMES), ids
-    emb = encode_text(c, NAMES)
+    emb = encode_text(c, NAMES).tensors["encoder_hidden_states"]
     for i in range(len(NAMES)):
         for j in range(i):
             assert not torch.equal(emb[i], emb[j]), (NAMES[i], NAMES[j])

@@ -91,7 +91,10 @@ def set_attention_backend(model: torch.nn.Module, backend: str = "auto") -> str:
     modules = {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
     dispatched = [m for m in model.modules() if isinstance(m, AttentionModuleMixin) and not isinstance(m, Attention)]
     if dispatched and not modules:
-        model.set_attention_backend("xformers" if chosen == "xformers" else "native")
+        # the dispatcher's default (no backend set on a processor) is torch SDPA
+        if chosen == "xformers" or any(getattr(getattr(m, "processor", None), "_attention_backend", None)
+                                       is not None for m in dispatched):
+            model.set_attention_backend("xformers" if chosen == "xformers" else "native")
         logger.info("attention: %s on %d attention modules (%s)", chosen, len(dispatched), why)
         return chosen
     if not modules:

@@ -50,6 +50,9 @@ class NoiseSchedule:
     def __init__(self, config: Mapping[str, Any] | None = None, **overrides: Any):
         base = SD_SCHEDULER if config is None else config
         cfg = {**{k: v for k, v in base.items() if not k.startswith("_") or k == "_class_name"}, **overrides}
+        if cfg.get("prediction_type") == "flow":
+            raise ModelError("prediction_type 'flow' needs a flow-matching model (an SD3 or Flux scheduler, "
+                             "FlowMatchEulerDiscreteScheduler); this model's process is DDPM's")
         if cfg.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
             raise ModelError(f"scheduler prediction_type must be one of {PREDICTION_TYPES}, "
                              f"got {cfg['prediction_type']!r}")

@@ -75,9 +75,10 @@ def detect_family(folder: str | os.PathLike) -> Family:
                 return fam
         raise ModelError(f"{folder}: transformer/ holds a {cls or 'nameless'} model; supported: "
                          + ", ".join(f.denoiser_class.__name__ for f in FAMILIES.values() if f.denoiser_dir == "transformer"))
-    ucfg = folder / "unet" / "config.json"
-    if ucfg.is_file():
-        return FAMILIES["sdxl"] if _read_json(ucfg).get("addition_embed_type") == "text_time" else FAMILIES["sd"]
+    if (folder / "unet").is_dir():  # a unet/ without a config fails at loading, naming what it lacks
+        ucfg = folder / "unet" / "config.json"
+        text_time = ucfg.is_file() and _read_json(ucfg).get("addition_embed_type") == "text_time"
+        return FAMILIES["sdxl"] if text_time else FAMILIES["sd"]
     raise ModelError(f"model folder {str(folder)!r} has neither unet/ nor transformer/ (expected the layout "
                      "save_pretrained writes for a diffusers pipeline)")
 
