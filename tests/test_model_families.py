@@ -212,3 +212,20 @@ def test_attention_backend_keeps_each_familys_processors(tiny):
         assert all(isinstance(p, JointAttnProcessor2_0) for p in c.unet.attn_processors.values())
     with pytest.raises(errors.BackendError, match="CUDA"):
         set_attention_backend(c.unet, "xformers")
+
+
+def test_loads_a_folder_diffusers_wrote(tiny, tmp_path):
+    """A checkout as diffusers' own ``save_pretrained`` of the family's pipeline lays it out."""
+    name, c, _ = tiny
+    _pipeline(c).save_pretrained(tmp_path / "pipe")
+    c2 = M.load_components(tmp_path / "pipe")
+    assert c2.family is c.family and c2.schedule.prediction_type == c.schedule.prediction_type
+    # from the denoiser's sample_size; Flux's config has none, and its default is FLUX.1's 1024 px
+    assert c2.resolution == (c.resolution if name != "flux-tiny" else 256)
+    sd1, sd2 = c.unet.state_dict(), c2.unet.state_dict()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    x0, noise, t = _batch(c)
+    with torch.no_grad():
+        a = diffusion_loss(c.unet, c.schedule, x0, encode_text(c, ["a cat", "a dog"]), noise, t)
+        b = diffusion_loss(c2.unet, c2.schedule, x0, encode_text(c2, ["a cat", "a dog"]), noise, t)
+    assert torch.equal(a, b)
