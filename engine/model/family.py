@@ -61,8 +61,12 @@ class Cond:
         return Cond(fam, {k: torch.cat([c.tensors[k] for c in conds]) for k in conds[0].tensors})
 
 
-def predict(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    """The denoiser's output on a noisy batch, in the batch's layout [B, C, H, W]."""
+def predict(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: "Cond | torch.Tensor") -> torch.Tensor:
+    """The denoiser's output on a noisy batch, in the batch's layout [B, C, H, W].
+
+    A plain tensor ``cond`` is a UNet's ``encoder_hidden_states`` (SD 1.x/2.x conditioning)."""
+    if isinstance(cond, torch.Tensor):
+        return model(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
     return cond.family.predict(model, x_t, t, cond.tensors)
 
 
