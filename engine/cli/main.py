@@ -1,8 +1,8 @@
 """The ``freezeasguard`` command line: every subcommand's arguments, and the dispatch.
 
 Each subcommand is a function ``cmd_*(args) -> exit code`` in one of ``cli.train``, ``cli.learn``,
-``cli.proof``, ``cli.service`` and a few small ones; only the module of the command being run is imported, so
-``--help`` is instant and ``keygen`` does not pay for diffusers. Errors the user can fix (a bad
+``cli.proof``, ``cli.verify``, ``cli.service`` and a few small ones; only the module of the command being run
+is imported, so ``--help`` is instant and ``keygen`` does not pay for diffusers. Errors the user can fix (a bad
 config, bad data, a refused job, a failed proof) print one clear message and exit 2 (1 for a failed
 proof), never a traceback. Nothing imports this package: it sits on top.
 """
@@ -23,7 +23,8 @@ def _command(p: argparse.ArgumentParser, impl: str) -> None:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="named config preset (tiny, small, sd15, sd21)")
+    p.add_argument("--preset", help="named config preset (tiny, small, sd15, sd21, sdxl-tiny, sdxl, sd3-tiny, sd3, "
+                                     "flux-tiny, flux)")
     p.add_argument("--config", help="YAML or JSON config file (applied after the preset)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
@@ -35,7 +36,7 @@ def _engine_commands(sub) -> None:
     s = sub.add_parser("finetune", help="fine-tune a model (full, or guarded by a freeze manifest)")
     _config_args(s)
     s.add_argument("--data", help="'digits' or an image folder with metadata.jsonl")
-    s.add_argument("--model", help="model folder in Stable Diffusion layout (default: preset weights)")
+    s.add_argument("--model", help="model folder in a diffusers pipeline layout (default: preset weights)")
     s.add_argument("--steps", type=int)
     s.add_argument("--seed", type=int)
     s.add_argument("--out", help="output folder (logs, checkpoints, final/)")
@@ -64,7 +65,7 @@ def _engine_commands(sub) -> None:
 
 def _guard_commands(sub) -> None:
     s = sub.add_parser("learn-mask", help="learn a FreezeAsGuard mask and write it as a freeze manifest")
-    s.add_argument("--base", required=True, help="base model folder (Stable Diffusion layout)")
+    s.add_argument("--base", required=True, help="base model folder (diffusers layout: SD, SDXL, SD3 or Flux)")
     s.add_argument("--data", required=True, help="'digits' or an image folder with a domain per image")
     s.add_argument("--illegal", required=True, metavar="D[,D..]", help="illegal domain(s)")
     s.add_argument("--innocent", required=True, metavar="D[:W][,D..]", help="innocent domain(s), optional weights")
@@ -86,7 +87,7 @@ def _guard_commands(sub) -> None:
 
     s = sub.add_parser("learn-lock", help="learn direction locks (the subspaces illegal fine-tuning uses) "
                                           "and write them as a manifest")
-    s.add_argument("--base", required=True, help="base model folder (Stable Diffusion layout)")
+    s.add_argument("--base", required=True, help="base model folder (diffusers layout: SD, SDXL, SD3 or Flux)")
     s.add_argument("--data", required=True, help="'digits' or an image folder with a domain per image")
     s.add_argument("--illegal", required=True, metavar="D[,D..]", help="illegal domain(s)")
     s.add_argument("--innocent", metavar="D[,D..]", help="innocent domain(s) (needed by --select contrast)")
@@ -127,11 +128,11 @@ def _guard_commands(sub) -> None:
     s = sub.add_parser("verify", help="prove every frozen tensor of a model is bit-identical to the manifest "
                                       "(and every locked direction unmoved)")
     s.add_argument("--manifest", required=True)
-    s.add_argument("--model", required=True, help="model folder, unet/ folder or .safetensors file")
+    s.add_argument("--model", required=True, help="model folder, its unet/ or transformer/, or a .safetensors file")
     s.add_argument("--base", help="the base model folder (needed when the manifest locks directions)")
     s.add_argument("--steps", type=int, default=10_000,
                    help="fine-tuning steps the fp32 tolerance of a lock allows for (default 10000)")
-    _command(s, "proof:cmd_verify")
+    _command(s, "verify:cmd_verify")
 
 
 def _service_commands(sub) -> None:
@@ -141,7 +142,7 @@ def _service_commands(sub) -> None:
     s.add_argument("spec", help="job spec (YAML or JSON)")
     s.add_argument("--policy", required=True, help="publisher policy (YAML or JSON)")
     s.add_argument("--manifest", required=True, help="signed freeze manifest (JSON)")
-    s.add_argument("--base", required=True, help="base model folder (Stable Diffusion layout)")
+    s.add_argument("--base", required=True, help="base model folder (diffusers layout: SD, SDXL, SD3 or Flux)")
     s.add_argument("--out", help="job output folder (default runs/jobs/<job id>; must not exist)")
     s.add_argument("--log", help="hash-chained job log (default: jobs.jsonl next to the output folder)")
     _command(s, "service:cmd_job_submit")
@@ -162,7 +163,7 @@ def _service_commands(sub) -> None:
     s.add_argument("--max-steps", type=int)
     s.add_argument("--max-batch-size", type=int)
     s.add_argument("--min-guard-share", type=float,
-                   help="least share of the UNet's parameters a manifest must freeze or lock")
+                   help="least share of the denoiser's parameters a manifest must freeze or lock")
     _command(s, "service:cmd_policy_init")
 
     s = sub.add_parser("audit", help="verify a job log's hash chain, signatures and records")

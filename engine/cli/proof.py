@@ -1,7 +1,9 @@
-"""``keygen``, ``sign``, ``verify`` and ``audit``: keys, signatures and the proofs anyone can rerun."""
+"""``keygen``, ``sign`` and ``audit``: keys, signatures and the log proof anyone can rerun; the reading of a
+model folder's denoiser weights that ``verify`` (``cli.verify``) uses."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -9,14 +11,10 @@ from safetensors.torch import load_file
 
 from freezeasguard.engine.errors import ConfigError, JobLogError, ManifestError, SignatureError
 from freezeasguard.engine.guard.manifest import Manifest
-from freezeasguard.engine.guard.subspace import lock_residuals
-from freezeasguard.engine.guard.verify import verify_frozen
 from freezeasguard.engine.service import signing
 from freezeasguard.engine.service.audit import audit_jobs
 from freezeasguard.engine.service.policy import Policy
 from freezeasguard.engine.service.signing import load_key, sign_manifest
-
-_SHOWN = 20  # detail lines printed per kind; the counts say how many there are
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -40,49 +38,43 @@ def cmd_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+# The denoiser's folder in a diffusers checkout: a UNet's, or a diffusion transformer's (SD3, Flux).
+DENOISER_DIRS = ("unet", "transformer")
+
+
+def denoiser_folder(path: Path) -> Path:
+    """The folder holding a model folder's denoiser weights (``path`` itself when it is one)."""
+    found = [d for d in DENOISER_DIRS if (path / d).is_dir()]
+    if len(found) > 1:  # the pipeline index names the one diffusers loads
+        index = path / "model_index.json"
+        try:
+            entries = json.loads(index.read_text())
+            named = [d for d in found if isinstance(entries.get(d), list) and entries[d] and entries[d][0]]
+        except (OSError, ValueError, TypeError, AttributeError):
+            named = []
+        if len(named) != 1:
+            raise ManifestError(f"model folder {str(path)!r} has both unet/ and transformer/ and its "
+                                "model_index.json does not say which is the denoiser")
+        found = named
+    return path / found[0] if found else path
+
+
 def load_unet_state(path: str | Path) -> dict:
-    """UNet tensors of a model folder (unet/*.safetensors), a unet/ folder, or a .safetensors file."""
+    """Denoiser tensors of a model folder (``unet/`` or ``transformer/`` ``*.safetensors``), of a
+    denoiser folder itself, or of a .safetensors file."""
     path = Path(path)
     if path.is_file():
         return load_file(path)
-    folder = path / "unet" if (path / "unet").is_dir() else path
+    folder = denoiser_folder(path)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no .safetensors weights under {folder}")
+        raise FileNotFoundError(f"no .safetensors weights under {folder} (a model folder holds them in unet/ "
+                                "or transformer/)")
     state: dict = {}
     for f in files:
         state.update(load_file(f))
     return state
 
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    manifest = Manifest.load(args.manifest)
-    lock = manifest.load_lock(args.manifest)
-    if lock is not None and not args.base:
-        raise ManifestError(f"{args.manifest} locks directions of {len(lock)} tensors: pass --base (the base "
-                            "model folder) so their movement can be measured")
-    state = load_unet_state(args.model)
-    other = manifest.fit_summary(state)
-    report = verify_frozen(manifest, state)
-    if lock is not None and other is None:
-        base = load_unet_state(args.base)
-        manifest.check_model(base)  # the lock is measured from the manifest's own base only
-        deltas = {n: state[n].float() - base[n].float() for n in lock.locks}
-        norms = {n: float(base[n].double().norm()) for n in lock.locks}
-        report.add_lock_residuals(lock_residuals(lock, deltas, norms, args.steps))
-    if other is not None:  # the headline first; the details would otherwise bury it
-        print(f"manifest is for another model: {other}")
-        problems = manifest.model_problems(state, dtypes=False, fingerprint=False)
-        for p in problems[:_SHOWN]:
-            print(f"layout: {p}")
-        if len(problems) > _SHOWN:
-            print(f"layout: ... and {len(problems) - _SHOWN} more")
-    for n in report.failures[:_SHOWN]:
-        print(f"FAIL {report.details[n]}")
-    if len(report.failures) > _SHOWN:
-        print(f"FAIL ... and {len(report.failures) - _SHOWN} more")
-    print(report.summary())
-    return 0 if report.ok and other is None else 1
 
 
 def _audit_keys(args: argparse.Namespace) -> tuple[signing.Key | None, str | None, list[str]]:

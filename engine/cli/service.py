@@ -55,7 +55,7 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
         print(f"freezeasguard policy init: error: {exc}", file=sys.stderr)
         return 2
     policy.save(args.out)
-    print(f"policy written to {args.out}: base folder {policy.model_fingerprint[:16]}... and UNet "
+    print(f"policy written to {args.out}: base folder {policy.model_fingerprint[:16]}... and denoiser "
           f"{policy.base_fingerprint[:16]}... pinned, {len(policy.manifests)} manifest(s) accepted, "
           f"max_lr {policy.max_lr:g}, max_steps {policy.max_steps}, max_batch_size {policy.max_batch_size}, "
           f"{policy.signature.algorithm} key {args.key_file}, log signed with {args.log_key}")

@@ -60,7 +60,7 @@ class MaskOptConfig:
 @dataclass
 class MaskLearnConfig:
     base: str | None = None
-    """Base model folder (Stable Diffusion layout) whose mask is learned."""
+    """Base model folder (a diffusers pipeline's layout: SD, SDXL, SD3 or Flux) whose mask is learned."""
     data: str = "digits"
     """'digits' or an image folder with metadata.jsonl and a `domain` per image."""
     illegal: list[str] = field(default_factory=list)
@@ -88,7 +88,7 @@ class MaskLearnConfig:
     mixed_precision: str = "fp32"
     """'fp32' or 'bf16' (autocast for forward/backward; the flat buffers stay fp32)."""
     gradient_checkpointing: bool = False
-    """Recompute UNet block activations in backward."""
+    """Recompute the denoiser's block activations in backward."""
     device: str = "auto"
     """'auto', 'cpu' or 'cuda[:i]'."""
     num_threads: int | None = None

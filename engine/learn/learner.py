@@ -15,7 +15,7 @@ and N processes (each taking every N-th sample, gradients all-reduced) learn the
 learns over the same global batch.
 
 The model family enters through a ``Task`` (per-sample losses); ``learn.pipeline.DiffusionTask`` is
-the UNet's, and ``learn.pipeline.learn_mask`` runs the whole thing from a model folder.
+the diffusion denoiser's (every family), and ``learn.pipeline.learn_mask`` runs the whole thing from a model folder.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class MaskLearner:
 
     Args:
         model: the base model; its current weights are ``theta_pre``.
-        task: per-sample losses (``learn.pipeline.DiffusionTask`` for a UNet).
+        task: per-sample losses (``learn.pipeline.DiffusionTask`` for a diffusion denoiser).
         domains: the domain label of every sample index the task knows.
         cfg: the validated config.
         theta_ft: fine-tuned weights by name (default: theta_pre, i.e. ``theta_d = 0``).

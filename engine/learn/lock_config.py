@@ -14,7 +14,7 @@ SELECTS = ("energy", "contrast")
 @dataclass
 class LockLearnConfig:
     base: str | None = None
-    """Base model folder (Stable Diffusion layout) whose directions are locked."""
+    """Base model folder (a diffusers pipeline's layout: SD, SDXL, SD3 or Flux) whose directions are locked."""
     data: str = "digits"
     """'digits' or an image folder with metadata.jsonl and a `domain` per image."""
     illegal: list[str] = field(default_factory=list)

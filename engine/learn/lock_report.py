@@ -1,4 +1,4 @@
-"""Where a direction lock sits in a UNet (locked share of each block's and each kind's matrix
+"""Where a direction lock sits in a denoiser (locked share of each block's and each kind's matrix
 parameters) and what each learning round captured, as text, JSON and a PNG."""
 from __future__ import annotations
 

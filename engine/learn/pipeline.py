@@ -37,7 +37,8 @@ log = logging.getLogger("freezeasguard")
 
 @dataclass
 class DiffusionTask:
-    """A UNet on encoded data (``model.encode.EncodedData`` or ``LiveData``)."""
+    """A denoiser of any family (UNet or diffusion transformer; ``model.family.predict`` calls it) on
+    encoded data (``model.encode.EncodedData`` or ``LiveData``)."""
 
     data: Any
     schedule: Any
@@ -59,7 +60,7 @@ class DiffusionTask:
 
 def load_base(cfg: MaskLearnConfig) -> Components:
     if not cfg.base:
-        raise MaskLearnError("no base model: pass --base DIR (a Stable Diffusion layout folder)")
+        raise MaskLearnError("no base model: pass --base DIR (a model folder in a diffusers pipeline's layout)")
     return load_components(cfg.base)
 
 
@@ -87,7 +88,7 @@ def _finetune_config(cfg: MaskLearnConfig, out_dir: str) -> FinetuneConfig:
 def bootstrap_finetune(c: Components, ds: ImageDataset, cfg: MaskLearnConfig) -> dict[str, torch.Tensor]:
     """theta_ft: ``cfg.bootstrap_steps`` steps of the service's fine-tuning on the mixed data.
 
-    Runs on a copy of the UNet. With a work_dir the fine-tuned model is kept in
+    Runs on a copy of the denoiser. With a work_dir the fine-tuned model is kept in
     ``work_dir/finetuned`` (pass it as ``finetuned`` to skip this next time).
     """
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +106,7 @@ def load_finetuned(path: str, c: Components) -> dict[str, torch.Tensor]:
     base = dict(c.unet.named_parameters())
     bad = [n for n in base if n not in ft or ft[n].shape != base[n].shape]
     if bad or len(ft) != len(base):
-        raise MaskLearnError(f"fine-tuned model {path!r} does not match the base UNet "
+        raise MaskLearnError(f"fine-tuned model {path!r} does not match the base denoiser "
                              f"({len(bad)} tensor(s) missing or reshaped, e.g. {bad[:3]})")
     return {n: t.detach() for n, t in ft.items()}
 

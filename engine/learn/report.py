@@ -1,13 +1,21 @@
-"""Where a mask's frozen tensors sit in a UNet, and how much two masks agree.
+"""Where a mask's frozen tensors sit in a denoiser, and how much two masks agree.
 
-Tensors are grouped by *block* (``down_blocks.i``, ``mid_block``, ``up_blocks.i``, and the
-top-level modules ``conv_in``, ``time_embedding``, ``conv_norm_out``, ``conv_out``) and by *kind*:
+Tensors are grouped by *block* and by *kind*. Blocks: a UNet's ``down_blocks.i``, ``mid_block``,
+``up_blocks.i``; a diffusion transformer's ``transformer_blocks.i`` (SD3's MMDiT blocks, Flux's
+double-stream ones) and ``single_transformer_blocks.i`` (Flux); every other top-level module
+(``conv_in``, ``time_embedding``, ``x_embedder``, ``time_text_embed``, ``norm_out``, ...) is its own
+block. Kinds:
 
-    norm       any normalisation layer (GroupNorm/LayerNorm weights and biases)
-    attention  everything else inside a transformer (q/k/v/out projections, proj_in/out, ff)
-    resnet     convolutions and the time projection of resnet blocks
-    sampler    down/up-sampling convolutions
-    other      conv_in, conv_out, time embedding, anything unrecognised
+    norm         any normalisation layer's own weights (GroupNorm/LayerNorm/RMSNorm)
+    attention    UNet: everything else inside a transformer (q/k/v/out, proj_in/out, ff);
+                 DiT: the attention's projections (``attn.to_q``, ``attn.add_q_proj``, ...)
+    feedforward  DiT: the MLPs (``ff``, ``ff_context``, Flux's ``proj_mlp`` and single-block ``proj_out``)
+    modulation   DiT: the adaptive norms' projections (``norm1.linear``, ``norm_out.linear``, ...)
+    embedding    DiT: the input embedders (``pos_embed``, ``x_embedder``, ``time_text_embed``,
+                 ``context_embedder``)
+    resnet       UNet: convolutions and the time projection of resnet blocks
+    sampler      UNet: down/up-sampling convolutions
+    other        UNet: conv_in, conv_out, time embedding; DiT: proj_out; anything unrecognised
 
 Counts are given by tensors and by parameters (a budget by one can be far from the other).
 """
@@ -26,8 +34,13 @@ from freezeasguard.engine.errors import MaskError
 from freezeasguard.engine.guard.mask import FreezeMask
 from freezeasguard.engine.io import atomic_write_bytes
 
-KINDS = ("attention", "resnet", "norm", "sampler", "other")
-_BLOCK = re.compile(r"^((?:down_blocks|up_blocks)\.\d+|mid_block)\.")
+KINDS = ("attention", "feedforward", "modulation", "embedding", "resnet", "norm", "sampler", "other")
+_BLOCK = re.compile(r"^((?:down_blocks|up_blocks|transformer_blocks|single_transformer_blocks)\.\d+|mid_block)\.")
+# Top-level modules of the diffusion transformers (SD3, Flux): their blocks, and their input embedders.
+DIT_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
+DIT_EMBEDDERS = ("pos_embed", "x_embedder", "time_text_embed", "context_embedder")
+_DIT_HEADS = (*DIT_BLOCKS, *DIT_EMBEDDERS, "norm_out", "proj_out")
+_DIT_FF = ("ff", "ff_context", "proj_mlp")
 
 
 def tensor_block(name: str) -> str:
@@ -40,12 +53,28 @@ def tensor_kind(name: str) -> str:
     module = parts[-2] if len(parts) >= 2 else parts[0]
     if "norm" in module:
         return "norm"
+    if parts[0] in _DIT_HEADS:  # no UNet has these top-level modules
+        return _dit_kind(parts)
     if ".attentions." in name or ".attn" in name:
         return "attention"
     if ".resnets." in name:
         return "resnet"
     if "samplers." in name:
         return "sampler"
+    return "other"
+
+
+def _dit_kind(parts: list[str]) -> str:
+    head = parts[0]
+    if head in DIT_EMBEDDERS:
+        return "embedding"
+    if parts[-2] == "linear" and any(p.startswith("norm") for p in parts[:-2]):
+        return "modulation"  # AdaLayerNormZero / AdaLayerNormContinuous: norm1.linear, norm_out.linear
+    inner = parts[2] if head in DIT_BLOCKS and len(parts) > 3 else ""
+    if inner.startswith("attn"):
+        return "attention"
+    if inner in _DIT_FF or (head == "single_transformer_blocks" and inner == "proj_out"):
+        return "feedforward"
     return "other"
 
 
@@ -67,11 +96,15 @@ class GroupCount:
 
 
 def block_rank(block: str) -> int:
-    # Data-flow order of the UNet (diffusers registers mid_block after up_blocks).
+    # Data-flow order of the denoiser (diffusers registers a UNet's mid_block after up_blocks).
     head = block.split(".", 1)[0]
-    ranks = {"conv_in": 0, "time_embedding": 1, "add_embedding": 1, "down_blocks": 2, "mid_block": 3,
-             "up_blocks": 4, "conv_norm_out": 5, "conv_out": 6}
-    return ranks.get(head, 7)
+    return _RANKS.get(head, 7)
+
+
+_RANKS = {"conv_in": 0, "pos_embed": 0, "x_embedder": 0, "time_embedding": 1, "add_embedding": 1,
+          "class_embedding": 1, "time_text_embed": 1, "context_embedder": 1, "down_blocks": 2,
+          "transformer_blocks": 2, "mid_block": 3, "single_transformer_blocks": 3, "up_blocks": 4,
+          "conv_norm_out": 5, "norm_out": 5, "conv_out": 6, "proj_out": 6}
 
 
 def group_counts(mask: FreezeMask, by: str = "block") -> list[GroupCount]:

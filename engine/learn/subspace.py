@@ -11,7 +11,8 @@ far*, takes each matrix's delta ``D = W - W0`` and adds its next directions to t
 
 Rounds are adversarial: a user fine-tuning under the lock reroutes to the next directions, which
 the next round then locks. Each matrix locks ``round(budget * dim)`` directions in all, spread
-evenly over the rounds. After every round the lock so far is written (``rounds/round-k``), so a
+evenly over the rounds; a matrix no fine-tune has moved yet (no update energy to follow, e.g. a parameter that
+gets no gradient) is not locked. After every round the lock so far is written (``rounds/round-k``), so a
 run that stops resumes at the next round; the result is a signed-ready manifest (the tensor mask
 of ``cfg.mask`` or none, plus the lock) and a report.
 """
@@ -170,7 +171,7 @@ def learn_lock(cfg: LockLearnConfig, out: str | Path, *, components: Components 
     out = Path(out)
     if components is None:
         if not cfg.base:
-            raise MaskLearnError("no base model: pass --base DIR (a Stable Diffusion layout folder)")
+            raise MaskLearnError("no base model: pass --base DIR (a model folder in a diffusers pipeline's layout)")
         components = load_components(cfg.base)
     c = components
     ds = dataset if dataset is not None else load_dataset(cfg.data, c.resolution)
@@ -232,7 +233,8 @@ def learn_lock(cfg: LockLearnConfig, out: str | Path, *, components: Components 
                     u = _append(u, dirs)
                 else:
                     v = _append(v, dirs)
-            new_locks[n] = TensorLock(shapes[n], u, v)
+            if u is not None or v is not None:  # a matrix the fine-tunes never moved (SD3's last text query,
+                new_locks[n] = TensorLock(shapes[n], u, v)  # whose output is discarded) stays unlocked
         lock = SubspaceLock(new_locks)
         row = {"round": k + 1, "illegal_energy_captured": cap_ill / e_ill if e_ill else 0.0,
                "innocent_energy_captured": cap_inn / e_inn if e_inn else None,

@@ -1,6 +1,6 @@
 """Delta checkpoints of guarded jobs: reading them, and merging them into the base model.
 
-A delta holds only what a job trained (full tensors by UNet name, or LoRA pairs
+A delta holds only what a job trained (full tensors by denoiser tensor name, or LoRA pairs
 ``<module>.lora_A/B.weight``) and the job's provenance in its metadata (``format``, ``job_id``,
 ``method``, ``base_fingerprint``, ``manifest_digest``, ``steps``; ``lora_rank``/``lora_alpha`` for
 LoRA). Merging refuses a delta without that provenance, one trained under another manifest or from
@@ -155,11 +155,12 @@ def merge_delta(base: nn.Module | Mapping[str, torch.Tensor], delta: Mapping[str
                 manifest: Manifest, metadata: Mapping[str, str] | None = None, *,
                 lock: SubspaceLock | None = None, max_steps: int = MAX_TOLERANCE_STEPS,
                 max_rank: int = MAX_RANK) -> dict[str, torch.Tensor]:
-    """Apply a delta to the base UNet's tensors, refusing anything that touches the freeze.
+    """Apply a delta to the base denoiser's tensors (a UNet or a diffusion transformer), refusing
+    anything that touches the freeze.
 
     Args:
-        base: the base UNet (or its state dict); must be the manifest's base model.
-        delta: full tensors by UNet name, or LoRA pairs ``<module>.lora_A/B.weight``.
+        base: the base denoiser (or its state dict); must be the manifest's base model.
+        delta: full tensors by name, or LoRA pairs ``<module>.lora_A/B.weight``.
         manifest: the freeze manifest the delta must respect.
         metadata: the delta's metadata as ``load_delta`` returns it (strings): its provenance
             (``format``, ``job_id``, ``method``, ``base_fingerprint``, ``manifest_digest``; all
@@ -223,8 +224,9 @@ def merge_delta(base: nn.Module | Mapping[str, torch.Tensor], delta: Mapping[str
                                     f"overflows {str(W.dtype).removeprefix('torch.')})")
                 merged[f"{m}.weight"] = new
     if lock is not None and not problems:
-        deltas = {n: merged[n].float() - state[n].float() for n in lock.locks if merged[n] is not state[n]}
-        norms = {n: float(state[n].double().norm()) for n in deltas}
+        with torch.no_grad():  # the base may be a live module's parameters
+            deltas = {n: merged[n].float() - state[n].float() for n in lock.locks if merged[n] is not state[n]}
+            norms = {n: float(state[n].double().norm()) for n in deltas}
         problems += [f"{r.describe()}: the delta moves the base along directions the manifest locks"
                      for r in lock_residuals(lock, deltas, norms, min(steps, max_steps)) if not r.ok]
     if problems:

@@ -51,6 +51,16 @@ def _matches(pattern: str, name: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+def _leaf_names(adaptable: list[tuple[str, nn.Module]], limit: int = 16) -> str:
+    """The distinct last parts of the adaptable modules' names ('to_q, to_k, to_out.0, ...'), for a refusal."""
+    def leaf(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+    leaves = list(dict.fromkeys(leaf(n) for n, _ in adaptable))
+    more = f", ... ({len(leaves)} names)" if len(leaves) > limit else ""
+    return ", ".join(leaves[:limit]) + more
+
+
 @dataclass
 class LoraTargets:
     """What a job's LoRA target patterns resolve to under a mask.
@@ -73,7 +83,9 @@ class LoraTargets:
 
 
 def resolve_lora_targets(unet: nn.Module, mask: FreezeMask, patterns: list[str]) -> LoraTargets:
-    """Resolve LoRA target patterns to full module names of ``unet`` and check them against ``mask``.
+    """Resolve LoRA target patterns to full module names of the denoiser ``unet`` (a UNet or a
+    diffusion transformer: every ``nn.Linear`` and ``nn.Conv2d`` is adaptable, e.g. ``to_q``,
+    ``add_q_proj``, ``ff.net.2``, ``proj_mlp``) and check them against ``mask``.
 
     A bare pattern matches modules named so or ending in ``.pattern``; a glob (with ``* ? [``) is
     matched against full module names. An adapter on a module changes that module's output exactly
@@ -87,8 +99,9 @@ def resolve_lora_targets(unet: nn.Module, mask: FreezeMask, patterns: list[str])
     for pat in patterns:
         hits = [(n, m) for n, m in adaptable if _matches(pat, n)]
         if not hits:
-            unmatched.append(f"lora target {pat!r} matches no Linear or Conv2d module of the UNet "
-                             "(adapters go on the UNet only)")
+            unmatched.append(f"lora target {pat!r} matches no Linear or Conv2d module of the "
+                             f"{type(unet).__name__} (adapters go on the denoiser only; its adaptable modules are "
+                             f"named {_leaf_names(adaptable)})")
             continue
         for n, m in hits:
             frozen = [f"{n}.{pn}" for pn, _ in m.named_parameters(recurse=False)
