@@ -8,6 +8,8 @@
     python bench/run.py savings      # the engine's memory/speed options side by side at 50% frozen
     python bench/run.py curves       # memory and time against the frozen fraction and model size (+ plots)
     python bench/run.py guard        # efficacy: does the learned mask hold back illegal fine-tuning?
+    python bench/run.py plan         # the memory plan of a 12B Flux transformer at 50% frozen, 1-8 devices
+                                     # (meta device, seconds; its flags: python bench/run.py plan --help)
     python bench/run.py --help
 
 Every suite trains the same model on the same data, mask, batch and seed in each mode and
@@ -33,6 +35,7 @@ from freezeasguard.engine.model.tokenizer import caption_words
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import conditions, conditions_markdown, markdown_table, write_results  # noqa: E402
+from plan import main as plan_main  # noqa: E402
 from savings import curves_main, savings_main  # noqa: E402
 from suite import COLUMNS, COLUMNS_LEGEND, LOCK_COLUMNS, LOCK_LEGEND, run_suite, suite_scenarios  # noqa: E402
 
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         from guard import main as guard_main
 
         return guard_main(argv[1:])
+    if argv and argv[0] == "plan":  # the shape-only memory plan has its own options
+        return plan_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", nargs="?", default="default",
                    choices=["default", "freeze", "optimizer", "masklearn", "lock", "savings", "curves"],

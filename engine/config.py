@@ -120,6 +120,10 @@ class TrainConfig:
     """torch CPU threads (None = torch's default)."""
     progress: bool = True
     """Show a progress bar."""
+    parallel: str = "ddp"
+    """Data parallelism over several processes (torchrun): 'ddp' (every process holds the whole UNet)
+    or 'fsdp' (FSDP2: each holds a shard of every UNet tensor, for models that do not fit one device;
+    not with update_in_backward, bf16/8bit optimizer_states, adamw8bit or compile)."""
 
 
 @dataclass
@@ -195,11 +199,23 @@ class FinetuneConfig:
             (not self.train.update_in_backward or self.train.grad_accum == 1,
              "train.update_in_backward needs train.grad_accum=1 (each tensor is updated from its first gradient)"),
             (self.train.compile in ("none", "blocks", "layers"), "train.compile must be none|blocks|layers"),
+            (self.train.parallel in ("ddp", "fsdp"),
+             f"train.parallel must be 'ddp' or 'fsdp', got {self.train.parallel!r}"),
+            *[(self.train.parallel != "fsdp" or ok, f"train.parallel=fsdp does not run with {what}")
+              for ok, what in _fsdp_conflicts(self.train)],
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
             raise ConfigError("invalid config:\n  " + "\n  ".join(bad))
         return self
+
+
+def _fsdp_conflicts(tc: TrainConfig) -> list[tuple[bool, str]]:
+    """(setting is fine, what it is) for the train settings FSDP sharding refuses (``train.fsdp``)."""
+    return [(not tc.update_in_backward, "train.update_in_backward (FSDP reduce-scatters gradients after backward)"),
+            (tc.optimizer_states == "fp32", f"train.optimizer_states={tc.optimizer_states} (only fp32 moments)"),
+            (tc.optimizer == "adamw", f"train.optimizer={tc.optimizer} (bitsandbytes does not step DTensor shards)"),
+            (tc.compile == "none", f"train.compile={tc.compile} (regions are not compiled over FSDP units)")]
 
 
 # Named presets: overrides applied on top of the defaults.

@@ -8,6 +8,7 @@ flag, file and folder is the README's own.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -84,6 +85,25 @@ def test_model_families_example_as_written(tmp_path):
     final = tmp_path / "runs/flux/final"
     assert (final / "transformer").is_dir() and (final / "text_encoder_2").is_dir() and (tmp_path / "flux.png").is_file()
     assert '"FluxPipeline"' in (final / "model_index.json").read_text()
+
+
+@pytest.mark.slow
+def test_fsdp_example_as_written(tmp_path):
+    """The torchrun command of 'More than one GPU': 2 gloo processes shard flux-tiny; the run's
+    proof holds and the saved transformer is a plain diffusers one (not FSDP's wrapper class)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmds = ["freezeasguard export-digits --out data/digits"]
+    cmds += [c for lang, t in _blocks("More than one GPU: DDP and FSDP2") if lang == "bash"
+             for c in _commands(_fewer_steps(t))]
+    assert any(c.startswith("torchrun ") and "train.parallel=fsdp" in c for c in cmds), cmds
+    for cmd in cmds:
+        out = subprocess.run(cmd, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, f"{cmd}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    final = tmp_path / "runs/flux-fsdp/final"
+    assert json.loads((final / "verify.json").read_text())["ok"] is True
+    assert json.loads((final / "transformer" / "config.json").read_text())["_class_name"] == "FluxTransformer2DModel"
+    log = [json.loads(ln) for ln in (tmp_path / "runs/flux-fsdp/log.jsonl").read_text().splitlines()]
+    assert len([r for r in log if "loss" in r]) == 2
 
 
 @pytest.mark.slow

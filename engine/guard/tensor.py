@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from diffusers.models.normalization import LayerNorm as DiffusersLayerNorm
+from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from freezeasguard.engine.config import FreezeConfig
 from freezeasguard.engine.errors import ConfigError
@@ -57,10 +60,10 @@ class TensorGuard:
         return self.mask.frozen if self.mask is not None else ()
 
     def export_state(self, unet: nn.Module) -> dict[str, torch.Tensor]:
-        """UNet tensors for the final model: frozen ones in their original dtype and bytes."""
-        state = {k: v.detach() for k, v in unet.state_dict().items()}
-        state.update(self.originals)
-        return state
+        """UNet tensors for the final model: frozen ones in their original dtype and bytes. A UNet
+        sharded by FSDP2 is gathered (a collective: every process calls it)."""
+        return {k: self.originals[k] if k in self.originals else _full(v.detach())
+                for k, v in unet.state_dict().items()}
 
     def verify(self, unet: nn.Module, steps: int = 0) -> VerifyReport | None:
         """Frozen tensors still equal the base (live copies in their storage dtype, and export), and
@@ -80,10 +83,16 @@ class TensorGuard:
         if self.originals:  # the live low-precision copies must still be the rounded originals
             live = dict(unet.named_parameters())
             for n, orig in self.originals.items():
-                if not torch.equal(live[n].detach().cpu(), orig.to(live[n].dtype)):
+                if not torch.equal(_full(live[n].detach()).cpu(), orig.to(live[n].dtype)):
                     report.hash_mismatch.append(n)
                     report.details[n] = f"{n!r}: live {live[n].dtype} copy changed during training"
         return report
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A shard of a tensor sharded by FSDP2 (a DTensor) gathered to the whole tensor, on the host;
+    any other tensor as it is."""
+    return t.full_tensor().cpu() if isinstance(t, DTensor) else t
 
 
 def build_mask(fc: FreezeConfig, unet: nn.Module, seed: int = 0) -> tuple[FreezeMask | None, Manifest | None]:
@@ -112,11 +121,32 @@ def frozen_storage_dtype(fc: FreezeConfig, mixed_precision: str) -> torch.dtype 
     return dtype
 
 
+# Norm layers whose own parameters stay fp32 under bf16 frozen storage. A frozen tensor may be held in
+# bf16 only where every use of it rounds it to bf16 anyway (a Linear or conv weight under autocast), so
+# the stored copy computes exactly what the fp32 original would. Norm weights are not such tensors:
+# * nn.GroupNorm, nn.LayerNorm (diffusers' LayerNorm and FP32LayerNorm are this class or subclass it):
+#   autocast runs them in fp32 on CUDA (its fp32 op list), and the CPU kernels refuse a bf16 weight
+#   with an fp32 input; FP32LayerNorm upcasts its weight itself, so a rounded copy would show.
+# * nn.RMSNorm (Flux's q/k norms): CUDA autocast runs rms_norm in fp32 like layer_norm (torch's
+#   AT_FORALL_FP32 list); CPU autocast leaves it alone and the kernel applies the weight in its own
+#   dtype (a bf16 input with an fp32 weight is normalised in fp32 and cast back, as when the weight
+#   is trainable). Either way a bf16 copy would apply a rounded weight the base never had.
+# * diffusers' RMSNorm (SD3.5's and older Flux's qk norms, AdaLayerNormContinuous(norm_type="rms_norm")):
+#   its forward casts the activations to the weight's dtype when that is bf16/fp16, so a bf16 weight
+#   turns an fp32 multiply into a bf16 one (and changes the output dtype): it must stay fp32.
+# Not listed: AdaLayerNorm*, AdaGroupNorm (their parameters are a Linear's, a bf16 op under autocast;
+# their own norms hold no weights, or are a class above, found on their own); text encoders' norms
+# (T5's), which are not in the denoiser this rule is applied to.
+FP32_NORMS: tuple[type[nn.Module], ...] = tuple(dict.fromkeys(
+    (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, DiffusersLayerNorm, DiffusersRMSNorm)))
+
+
 def fp32_param_names(unet: nn.Module) -> set[str]:
-    """Parameters that stay fp32 under bf16 frozen storage: those of norm layers, which autocast runs
-    in fp32 (CPU kernels refuse bf16 norm weights with fp32 inputs)."""
+    """Parameters that stay fp32 under bf16 frozen storage: the own parameters of norm layers
+    (``FP32_NORMS``: group/layer norms, torch's and diffusers' RMS norms), whose kernels consume the
+    weight at its stored precision (or refuse a bf16 one), unlike the bf16 ops of autocast."""
     return {f"{m}.{k}" if m else k for m, mod in unet.named_modules()
-            if isinstance(mod, (nn.GroupNorm, nn.LayerNorm)) for k, _ in mod.named_parameters(recurse=False)}
+            if isinstance(mod, FP32_NORMS) for k, _ in mod.named_parameters(recurse=False)}
 
 
 def enforce(guard: TensorGuard, unet: nn.Module, *, frozen_dtype: torch.dtype | None = None,

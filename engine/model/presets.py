@@ -18,7 +18,8 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from freezeasguard.engine.errors import ModelError
-from freezeasguard.engine.model.families import build_text_encoder as _build_text, get_family
+from freezeasguard.engine.model.families import build_text_encoder as _build_text
+from freezeasguard.engine.model.families import get_family
 
 
 @dataclass(frozen=True)

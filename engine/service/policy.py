@@ -42,7 +42,7 @@ from freezeasguard.engine.service.spec import METHODS, JobSpec
 
 # Train settings the service owns: where and how it runs, not how the model learns.
 SERVICE_TRAIN_KEYS = frozenset({"device", "num_threads", "progress", "log_every", "checkpoint_every",
-                                "keep_checkpoints", "compile", "update_in_backward"})
+                                "keep_checkpoints", "compile", "update_in_backward", "parallel"})
 # Set through JobSpec.train's own fields; `extra` must not restate them.
 FIRST_CLASS_TRAIN_KEYS = frozenset({"lr", "steps", "batch_size", "seed"})
 # Methods users ask for by name that exist only to train what the guard locks.
@@ -305,12 +305,13 @@ def extra_problems(extra: dict[str, Any], policy: Policy) -> list[str]:
 
 
 def text_fingerprint(encoders: nn.Module | Sequence[nn.Module]) -> str:
-    """One fingerprint of a model's text encoders: the encoder's own for one (SD 1.x/2.x), else
-    over every encoder's tensors keyed by slot ('0.', '1.', ...), so none can be swapped alone."""
+    """One fingerprint of a model's text encoders (their parameters, as ``model_fingerprint`` of a
+    module): the encoder's own for one (SD 1.x/2.x), else over every encoder's parameters keyed by
+    slot ('0.', '1.', ...), so none can be swapped alone."""
     encoders = [encoders] if isinstance(encoders, nn.Module) else list(encoders)
     if len(encoders) == 1:
         return model_fingerprint(encoders[0])
-    return model_fingerprint({f"{i}.{n}": t for i, e in enumerate(encoders) for n, t in e.state_dict().items()})
+    return model_fingerprint({f"{i}.{n}": t for i, e in enumerate(encoders) for n, t in e.named_parameters()})
 
 
 def base_problems(policy: Policy, manifest: Manifest | None, unet: nn.Module,
@@ -323,7 +324,8 @@ def base_problems(policy: Policy, manifest: Manifest | None, unet: nn.Module,
     out: list[str] = []
     found = model_fingerprint(unet)
     if found != policy.base_fingerprint:
-        out.append(f"base UNet fingerprint {found[:16]}... is not the pinned "
+        what = "transformer" if "Transformer" in type(unet).__name__ else "UNet"  # SD3/Flux, or a UNet (or tensors)
+        out.append(f"base {what} fingerprint {found[:16]}... is not the pinned "
                    f"{policy.base_fingerprint[:16]}...: the base model was modified or replaced")
     if manifest is not None:
         out += manifest_policy_problems(policy, manifest)
@@ -336,7 +338,10 @@ def base_problems(policy: Policy, manifest: Manifest | None, unet: nn.Module,
         if text_encoder is None or (not isinstance(text_encoder, nn.Module) and not list(text_encoder)):
             out.append("the policy pins a text encoder, but the base model has none")
         elif text_fingerprint(text_encoder) != policy.text_encoder_fingerprint:
-            out.append("base text encoder fingerprint is not the pinned one: it was modified or replaced")
+            n = 1 if isinstance(text_encoder, nn.Module) else len(list(text_encoder))
+            out.append("base text encoder fingerprint is not the pinned one" + (f" (over all {n} text encoders)"
+                                                                              if n > 1 else "")
+                       + ": it was modified or replaced")
     return found, out
 
 

@@ -1,9 +1,9 @@
-"""Diffusion fine-tuning: the training step and the trainer (logs, checkpoints, resume, DDP).
+"""Diffusion fine-tuning: the training step and the trainer (logs, checkpoints, resume, DDP, FSDP).
 
 Determinism: everything random in step ``s`` comes from generators seeded by ``(seed, s)`` and is
 drawn for the global batch (``train.batches``), so N steps + resume + N steps equals 2N steps bit
-for bit, and 2 processes under DDP see exactly the samples one process sees at the same global
-batch.
+for bit, and 2 processes under DDP or FSDP (``train.fsdp``) see exactly the samples one process sees
+at the same global batch.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from freezeasguard.engine.train import checkpoint as ckpt
 from freezeasguard.engine.train import update
 from freezeasguard.engine.train.batches import GlobalBatches, step_generator
 from freezeasguard.engine.train.distributed import init_distributed
+from freezeasguard.engine.train.fsdp import parallel_for
 from freezeasguard.engine.train.ledger import count_saved_activations, memory_ledger
 from freezeasguard.engine.train.wiring import apply_freeze
 
@@ -107,6 +108,7 @@ class Trainer:
         if dev == "cuda":
             dev = f"cuda:{self.dist.local_rank}"
         self.device = torch.device(dev)
+        self.parallel = parallel_for(tc, self.dist, self.device, custom_wiring=wiring is not None)  # train.fsdp
         if self.cfg.train.batch_size % (self.dist.world * tc.grad_accum):
             raise TrainingError(f"train.batch_size {tc.batch_size} must be divisible by processes "
                                 f"({self.dist.world}) x grad_accum ({tc.grad_accum})")
@@ -121,7 +123,7 @@ class Trainer:
         self.dataset = dataset
         if components is None:
             components = self._build_components(dataset)
-        self.c = components.to(self.device)
+        self.c = self.parallel.place(components)
         want = cfg.model.prediction_type
         if want is not None and want != self.c.schedule.prediction_type:
             log.info("prediction_type %s (model.prediction_type) instead of the model's %s",
@@ -143,10 +145,12 @@ class Trainer:
         self.named_trainable, self.optimizer = (wiring or self._default_wiring)(self.c.unet)
         self.trainable = [p for _, p in self.named_trainable]
         update.check_setup(self.optimizer, world=self.dist.world, grad_accum=tc.grad_accum)
+        if self.parallel.sharded:  # the UNet reached its device in the wiring: 'auto' attention must see it
+            self._set_attention()
         # after the wiring (the regions trace the guarded modules); names, hence the proof, unchanged
         self.compiled = compile_regions(self.c.unet, mode=tc.compile) if tc.compile != "none" else []
         self.model: nn.Module = self.c.unet
-        if self.dist.world > 1:
+        if self.dist.world > 1 and not self.parallel.sharded:
             self.model = DDP(self.c.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, tc))
         self.step = 0
@@ -185,7 +189,7 @@ class Trainer:
         set_attention_backend(self.c.unet, self.cfg.model.attention)
 
     def _default_wiring(self, unet: nn.Module):
-        self.guard, named, opt = apply_freeze(self.cfg, unet, self.device)
+        self.guard, named, opt = apply_freeze(self.cfg, unet, self.device, self.parallel)
         if self.dist.is_main:
             if self.guard.mask is not None:
                 log.info("freeze (%s): %s; %d frozen convs without saved input; frozen prefix run without "
@@ -215,9 +219,10 @@ class Trainer:
         (``DistInfo.all_ok``): none runs ahead while it is written or reads it before it is complete,
         and a failed write stops every process with an error."""
         path = self.checkpoint_dir(self.step)
+        tensors, opt_state = self.parallel.checkpoint_state(self.named_trainable, self.optimizer)  # FSDP: gathers
         ckpt.save_on_main(self.dist, self.device, lambda: ckpt.write_checkpoint(
-            self.checkpoint_root, self.step, tensors={"trainable": dict(self.named_trainable)},
-            objects={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            self.checkpoint_root, self.step, tensors={"trainable": tensors},
+            objects={"optimizer": opt_state, "scheduler": self.scheduler.state_dict()},
             state={"format": CHECKPOINT_FORMAT, "trainable": [n for n, _ in self.named_trainable],
                    "config": self.cfg.to_dict(), "tokenizer": self._tokenizer_id(), "version": __version__},
             keep=self.cfg.train.keep_checkpoints), TrainingError(f"the main process could not write {path}"))
@@ -260,11 +265,7 @@ class Trainer:
         if found.state.get("tokenizer") != self._tokenizer_id():
             raise TrainingError(f"checkpoint {found.path} was written with the tokenizer {found.state.get('tokenizer')}, "
                                 f"this run has {self._tokenizer_id()} (model.tokenizer=auto found another one)")
-        tensors = found.tensors("trainable")
-        with torch.no_grad():
-            for n, p in self.named_trainable:
-                p.copy_(tensors[n])
-        self.optimizer.load_state_dict(found.object("optimizer", self.device))
+        self.parallel.load_checkpoint(found, self.named_trainable, self.optimizer)
         self.scheduler.load_state_dict(found.object("scheduler", self.device))
         self.step = found.step
         if self.dist.is_main:
@@ -295,7 +296,7 @@ class Trainer:
         saved = None
         for i, ch in enumerate(chunks):
             x0, cond = self.data.batch(idx[ch], flip[ch], eps[ch], self.device)
-            sync = i == len(chunks) - 1 or self.dist.world == 1
+            sync = i == len(chunks) - 1 or not isinstance(self.model, DDP)  # FSDP: reduce every micro-batch
             ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
             counting = self.measure_memory and i == 0
             if counting:  # activations saved for backward, counted on the first micro-batch
@@ -378,7 +379,7 @@ class Trainer:
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trainable tensors only (what a delta checkpoint holds)."""
-        return {n: p.detach() for n, p in self.named_trainable}
+        return self.parallel.trainable_state(self.named_trainable)
 
     def unet_state_for_export(self) -> dict[str, torch.Tensor]:
         if self.guard is not None:
@@ -390,7 +391,8 @@ class Trainer:
         return self.guard.verify(self.c.unet, steps=self.step) if self.guard is not None else None
 
     def save_final(self, path: str | Path | None = None) -> Path:
-        """The fine-tuned model as a Stable-Diffusion-layout folder (main process only).
+        """The fine-tuned model as a Stable-Diffusion-layout folder (written by the main process; under
+        FSDP every process calls it, as the shards are gathered).
 
         Refused, with nothing written, when a frozen tensor is not bit-identical to the base.
         """
@@ -399,9 +401,11 @@ class Trainer:
         if report is not None and not report.ok:
             raise TrainingError(f"refusing to write {path}: {report.summary()}: "
                                 + "; ".join(report.details[n] for n in report.failures[:10]))
+        state = self.unet_state_for_export()  # every process (FSDP gathers the shards)
         if self.dist.is_main:
             proof = {} if report is None else {"verify.json": {
                 "ok": report.ok, "summary": report.summary(), "manifest_digest": self.guard.manifest.digest()}}
-            save_components(self.c, path, unet_state=self.unet_state_for_export(), extra_json=proof)
+            with self.parallel.saving(self.c.unet):
+                save_components(self.c, path, unet_state=state, extra_json=proof)
         return path
 

@@ -14,6 +14,9 @@ A manifest with direction locks (``guard.subspace``) adds them to any mode with 
 flat buffer projects locked tensors' updates inside its step; torch AdamW and 8-bit AdamW get step
 hooks that do the same (``optim.project``).
 
+Under ``train.parallel=fsdp`` (``train.fsdp``) the UNet is sharded between the freeze and the
+optimizer, which then steps this process's shards.
+
 The original fp32 values of frozen tensors are kept on the host so that the exported model carries
 them bit for bit, and every job ends with ``verify``: each frozen tensor is compared with the
 manifest's SHA-256, and each locked tensor's residual along its locked directions with its fp32
@@ -29,26 +32,36 @@ from torch import nn
 from freezeasguard.engine.config import FinetuneConfig
 from freezeasguard.engine.errors import ConfigError
 from freezeasguard.engine.guard.prefix import install_prefix_skip
-from freezeasguard.engine.model.families import family_of
 from freezeasguard.engine.guard.tensor import TensorGuard, build_mask, enforce, frozen_storage_dtype
+from freezeasguard.engine.model.families import family_of
 from freezeasguard.engine.optim.factory import make_optimizer
 from freezeasguard.engine.optim.flat import FlatAdamW
 from freezeasguard.engine.optim.groups import param_groups
 from freezeasguard.engine.optim.inbackward import InBackwardAdamW
 from freezeasguard.engine.optim.project import register_lock_hooks
+from freezeasguard.engine.train.fsdp import Parallel
 
 
-def apply_freeze(cfg: FinetuneConfig, unet: nn.Module, device: torch.device) -> tuple[TensorGuard, list, Any]:
-    """Freeze per ``cfg.freeze`` and build the optimizer: returns (guard, named trainable, optimizer)."""
+def apply_freeze(cfg: FinetuneConfig, unet: nn.Module, device: torch.device,
+                 parallel: Parallel | None = None) -> tuple[TensorGuard, list, Any]:
+    """Freeze per ``cfg.freeze`` and build the optimizer: returns (guard, named trainable, optimizer).
+
+    ``parallel`` (``train.fsdp``): shards the UNet once the freeze is enforced, and gives the flat
+    AdamW over the shards; the named trainable tensors are then the sharded parameters."""
     fc, tc = cfg.freeze, cfg.train
     mask, manifest = build_mask(fc, unet, seed=tc.seed)
     lock = manifest.load_lock(fc.manifest) if manifest is not None and fc.manifest else None
+    if lock is not None and parallel is not None and parallel.sharded:
+        raise ConfigError("the manifest's direction locks do not run under train.parallel=fsdp (a lock projects "
+                          "the update of a whole matrix; a process holds rows of it): use train.parallel=ddp")
     guard = TensorGuard(fc.mode, mask, manifest, lock=lock)
     guard.take_anchors(unet)
     frozen = set(guard.frozen_names)
     bases = lock.bases() if lock is not None else {}
     if fc.mode in ("full", "naive"):
         enforce(guard, unet)
+        if parallel is not None:
+            parallel.shard(unet)
         named = [(n, p) for n, p in unet.named_parameters() if n not in frozen]
         # naive: the optimizer is handed every parameter, as a script calling
         # AdamW(unet.parameters()) does; frozen ones simply never get a gradient.
@@ -59,6 +72,8 @@ def apply_freeze(cfg: FinetuneConfig, unet: nn.Module, device: torch.device) -> 
         return guard, named, opt
 
     enforce(guard, unet, frozen_dtype=frozen_storage_dtype(fc, tc.mixed_precision), frozen_conv=fc.frozen_conv)
+    if parallel is not None:
+        parallel.shard(unet)
     named = [(n, p) for n, p in unet.named_parameters() if n not in frozen]
     if not named:
         raise ConfigError("the mask freezes every UNet tensor: nothing is left to train")
@@ -70,7 +85,7 @@ def apply_freeze(cfg: FinetuneConfig, unet: nn.Module, device: torch.device) -> 
         kw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, weight_decay=tc.weight_decay, locks=bases,
                   states=tc.optimizer_states, seed=tc.seed)
         opt = InBackwardAdamW(named, max_grad_norm=tc.max_grad_norm, **kw) if tc.update_in_backward \
-            else FlatAdamW(named, **kw)
+            else parallel.flat_adamw(unet, named, **kw) if parallel is not None else FlatAdamW(named, **kw)
     if fc.prefix_skip:
         guard.prefix = install_prefix_skip(unet, frozen, family_of(unet).forward_stages(unet))
     return guard, named, opt
