@@ -9,6 +9,7 @@
 #            (first check which of these the machine already has: the carried tree is capped at 64 MiB,
 #            and scipy alone is large; the digits data needs scikit-learn)
 #   run:     OUT=/some/dir bash bench/gpu_check.sh      (each stage has its own time limit)
+#            OUT=/some/dir bash bench/gpu_check.sh plan (only bench/run.py plan-step on the 12B Flux)
 #
 # Writes under $OUT: info.txt, gpu_tests.txt, bench_adamw.json, bench_adamw_lowp.json (fp32 / bf16 /
 # 8-bit moment kernels against bitsandbytes' blockwise update and its per-tensor AdamW8bit), and the
@@ -34,6 +35,13 @@ stage() {  # stage NAME SECONDS CMD...
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt" | tail -25
   echo "== $name exit ${PIPESTATUS[0]}"
 }
+if [ "${1:-}" = "plan" ]; then  # a second call: the real guarded step of the 12B Flux plan
+  # FLUX.1-sized transformer, 50% frozen, 256 px, batch 1: the compact setup (plan 44.7 GiB) and the
+  # plain engine (99.9 GiB), max_memory_allocated next to the plan's and the ledger's bytes
+  stage plan_step 540 python3 bench/run.py plan-step --preset flux --setups engine+8bit+in-backward,engine \
+    --resolution 256 --out "$OUT"
+  exit 0
+fi
 # Budget: under 10 minutes in all (the stage limits sum to 570 s), most important first.
 stage info 20 python3 -m freezeasguard.engine.cli info
 stage gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_adamw.py tests/test_adamw_lowp.py \

@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         return guard_main(argv[1:])
     if argv and argv[0] == "plan":  # the shape-only memory plan has its own options
         return plan_main(argv[1:])
+    if argv and argv[0] == "plan-step":  # a real guarded step next to the plan
+        from plan_step import main as plan_step_main
+
+        return plan_step_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", nargs="?", default="default",
                    choices=["default", "freeze", "optimizer", "masklearn", "lock", "savings", "curves"],

@@ -1,7 +1,11 @@
-"""``bench/run.py plan``: the 12B Flux transformer's memory plan on the meta device, and its files."""
+"""``bench/run.py plan``: the 12B Flux transformer's memory plan on the meta device, and its files;
+``bench/run.py plan-step``: the planned step run for real."""
 import json
+import math
 
+import pytest
 from plan import FLUX_PARAMS, FLUX_TENSORS, SETUPS, main, plan_preset
+from plan_step import main as step_main
 
 ORDER = [name for name, _, _ in SETUPS]
 
@@ -41,3 +45,26 @@ def test_the_plan_command_writes_its_files(tmp_path):
     md = (tmp_path / "plan.md").read_text()
     assert "| engine+8bit+in-backward | 8 |" in md and "11,901,408,320" in md and "Conditions:" in md
     assert (tmp_path / "plan.png").stat().st_size > 10_000
+
+
+def test_plan_step_runs_the_planned_step_and_matches_the_ledger(tmp_path):
+    """``bench/run.py plan-step`` on flux-tiny: each setup's real guarded step holds exactly the bytes
+    the plan says (the compact setups less than the plain engine), and the loss is finite."""
+    setups = "full,engine,engine+8bit+in-backward"
+    assert step_main(["--preset", "flux-tiny", "--resolution", "32", "--setups", setups, "--device", "cpu",
+                      "--out", str(tmp_path)]) == 0
+    rows = {r["setup"]: r for r in json.loads((tmp_path / "step.json").read_text())["rows"]}
+    assert list(rows) == setups.split(",")
+    for r in rows.values():
+        assert r["plan_equals_ledger"] and r["plan_static_bytes"] == r["ledger_static_bytes"] > 0
+        assert r["activation_bytes"] > 0 and all(math.isfinite(x) for x in r["losses"]) and len(r["losses"]) == 2
+    assert rows["full"]["frozen_tensors"] == 0 < rows["engine"]["frozen_tensors"]
+    s = {k: r["plan_static_bytes"] for k, r in rows.items()}
+    assert s["engine+8bit+in-backward"] < s["engine"] < s["full"]
+    assert "plan = ledger" in (tmp_path / "step.md").read_text()
+
+
+def test_plan_step_refuses_an_unknown_setup(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        step_main(["--preset", "flux-tiny", "--setups", "engine+4bit", "--out", str(tmp_path)])
+    assert "engine+4bit" in capsys.readouterr().err and not list(tmp_path.iterdir())

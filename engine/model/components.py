@@ -27,7 +27,14 @@ from freezeasguard.engine.model.diffusion import SD_SCHEDULER, load_schedule, ma
 from freezeasguard.engine.model.families import TEXT_CLASSES, detect_family, get_family
 from freezeasguard.engine.model.family import Cond, Family
 from freezeasguard.engine.model.flow import FLOW_SCHEDULER
-from freezeasguard.engine.model.presets import build_text_encoder, build_unet, build_vae, get_preset, vae_scale_factor
+from freezeasguard.engine.model.presets import (
+    Preset,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    get_preset,
+    vae_scale_factor,
+)
 from freezeasguard.engine.model.tokenizer import build_tokenizer
 
 
@@ -118,9 +125,15 @@ def build_components(preset: str, *, space: str | None = None, resolution: int |
     vae = build_vae(p) if space == "latent" else None
     for m in (*encoders, *([vae] if vae is not None else [])):
         m.eval()  # as from_pretrained hands them back (T5's dropout is on in train mode)
-    base = FLOW_SCHEDULER if fam.objective == "flow" else SD_SCHEDULER
-    schedule = make_schedule({**base, **p.scheduler}, prediction_type or p.prediction_type)
+    schedule = preset_schedule(p, prediction_type)
     return Components(unet, encoders, [tok] * len(encoders), vae, schedule, resolution, source=preset, family=fam)
+
+
+def preset_schedule(preset: str | Preset, prediction_type: str | None = None):
+    """The training process of a preset model: its family's default scheduler with the preset's settings."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    base = FLOW_SCHEDULER if get_family(p.family).objective == "flow" else SD_SCHEDULER
+    return make_schedule({**base, **p.scheduler}, prediction_type or p.prediction_type)
 
 
 @contextlib.contextmanager
