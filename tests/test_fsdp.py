@@ -36,6 +36,7 @@ from freezeasguard.engine.optim.groups import param_groups
 from freezeasguard.engine.service.policy import Policy, extra_problems
 from freezeasguard.engine.train.distributed import DistInfo
 from freezeasguard.engine.train.fsdp import FullyShardedParallel, Parallel, ShardedFlatAdamW, parallel_for
+from freezeasguard.engine.train.memplan import memory_plan
 from freezeasguard.engine.train.trainer import Trainer
 
 COMMON = ("train.steps=3", "freeze.mode=engine", "freeze.ratio=0.5", "train.eps=1e-3")
@@ -213,6 +214,56 @@ def test_fsdp_two_processes_equal_one(tmp_path):
     tr = _trainer(tmp_path / "one-resume", "unet-fp32")
     with pytest.raises(TrainingError, match="written by 2 FSDP processes"):
         tr.resume(tmp_path / "fsdp" / "unet-fp32" / "checkpoints" / "step-000002")
+
+
+# (preset, image resolution, freeze mode) of the ledger check
+LEDGER_RUNS = (("tiny", 16, "engine"), ("tiny", 16, "full"), ("flux-tiny", 32, "engine"))
+
+
+def _ledger_run(out, preset, res, mode, batch):
+    tr = Trainer(tiny_config(out, f"model.preset={preset}", "train.steps=1", f"freeze.mode={mode}", "freeze.ratio=0.5",
+                             "train.mixed_precision=bf16", f"train.batch_size={batch}", "train.parallel=fsdp"),
+                 dataset=tiny_digits(resolution=res))
+    tr.measure_memory = True
+    tr.fit()
+    return tr
+
+
+def _ledger_worker(rank, world, port, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo")
+    out = {}
+    for preset, res, mode in LEDGER_RUNS:
+        tr = _ledger_run(f"{root}/{preset}-{mode}", preset, res, mode, batch=4)
+        assert tr.parallel.sharded
+        # the plan of the live (sharded) model: DTensors report their global shapes
+        plan = memory_plan(tr.c.unet, tr.guard.frozen_names, mode=mode).per_device(world)
+        out[(preset, mode)] = (tr.last_ledger, plan.sharded_bytes)
+    torch.save(out, f"{root}/ledger-{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_the_ledger_under_fsdp_is_the_per_device_plan(tmp_path):
+    """Under FSDP2 the ledger counts what each process holds: on the busiest (rank 0) exactly the
+    plan's per-device shards (padded dim-0 shards of weights, gradients and moments); the other rank
+    at most that (torch AdamW's moments of a short last shard are unpadded). The activations each
+    process saves are a one-process run's at its share of the batch (FSDP's all-gathered weights are
+    weights, not activations)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ledger_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"ledger-{r}.pt", weights_only=False) for r in (0, 1)]
+    for preset, res, mode in LEDGER_RUNS:
+        (led0, plan0), (led1, plan1) = ranks[0][(preset, mode)], ranks[1][(preset, mode)]
+        assert plan0 == plan1 and led0.static_bytes == plan0, (preset, mode, led0.static_bytes, plan0)
+        assert 0 < led1.static_bytes <= led0.static_bytes
+        one = _ledger_run(tmp_path / f"one-{preset}-{mode}", preset, res, mode, batch=2).last_ledger
+        assert led0.static_bytes < one.static_bytes
+        assert led0.activation_bytes == led1.activation_bytes == one.activation_bytes > 0, (preset, mode)
 
 
 def test_one_process_fsdp_is_the_plain_path(tmp_path, one_thread):

@@ -50,7 +50,9 @@ full model to every process's host.
 Refused under FSDP (``FinetuneConfig.validate``; direction locks in ``train.wiring`` and here, custom
 wirings in ``parallel_for``): in-backward updates, compact optimizer states, bitsandbytes' 8-bit
 AdamW, ``train.compile``, direction locks, custom wirings. Tested on CPU with gloo
-(tests/test_fsdp.py); the memory ledger (``train.ledger``) still counts whole tensors.
+(tests/test_fsdp.py). The memory ledger (``train.ledger``) counts what each process holds: on the
+busiest it equals ``train.memplan``'s per-device shards byte for byte (tested), and the all-gathered
+weights autograd saves are weights, not activations.
 """
 from __future__ import annotations
 

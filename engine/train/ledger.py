@@ -10,12 +10,14 @@ On CUDA the allocator's peaks are added for comparison.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from freezeasguard.engine.errors import LedgerError
 
@@ -31,6 +33,24 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
 
 def _storage_nbytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """What this process holds of a tensor: a DTensor's local shard (FSDP2), any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _held_numel(p: torch.Tensor) -> int:
+    """Elements of ``p`` this process holds. A DTensor sharded on a dim holds ``ceil(size / shards)``
+    of it on every process: FSDP2 pads the last processes' shards (or gives them padding only), so
+    the padded shard is what each one allocates."""
+    if not isinstance(p, DTensor):
+        return p.numel()
+    shape = list(p.shape)
+    for i, pl in enumerate(p.placements):
+        if isinstance(pl, Shard):
+            shape[pl.dim] = math.ceil(shape[pl.dim] / p.device_mesh.size(i))
+    return math.prod(shape)
 
 
 @dataclass
@@ -50,19 +70,23 @@ def count_saved_activations(params_to_exclude: nn.Module | Iterable[torch.Tensor
 
     Each storage is counted once and in full (a saved view keeps its whole storage alive).
     Storages of ``params_to_exclude`` (a module's parameters, or tensors) are skipped, including
-    when a parameter is a view into a larger flat buffer: the whole buffer is excluded.
+    when a parameter is a view into a larger flat buffer: the whole buffer is excluded. So is any
+    saved parameter or view of one, whatever its storage: FSDP2 all-gathers a unit's weights into
+    fresh storages for its forward (and frees them after), which are weights, not activations.
 
     Storages are keyed by address, so count one graph at a time: once a graph is freed, a later
     tensor may reuse an address and be missed.
     """
     if isinstance(params_to_exclude, nn.Module):
         params_to_exclude = params_to_exclude.parameters()
-    excluded = {_storage_key(p) for p in (params_to_exclude or ())}
+    excluded = {_storage_key(_local(p)) for p in (params_to_exclude or ())}
     seen: set[tuple[str, int]] = set()
     stats = SavedActivations()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         stats.saves += 1
+        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):  # a weight, counted as such
+            return t
         key = _storage_key(t)
         if key not in excluded and key not in seen:
             seen.add(key)
@@ -197,6 +221,8 @@ def memory_ledger(model: nn.Module, optimizer: Any = None, *,
     Returns:
         A ``Ledger``. Weights are counted per tensor (numel x element size); gradients and
         optimizer state per unique storage, i.e. what is actually held, flat buffers included.
+        Under FSDP2 every count is this process's: a sharded weight's padded dim-0 shard, the
+        local shards of gradients and optimizer state.
     """
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
@@ -214,19 +240,20 @@ def memory_ledger(model: nn.Module, optimizer: Any = None, *,
     n_frozen = n_train = 0
     for name, p in params.items():
         dt = str(p.dtype).removeprefix("torch.")
+        held = _held_numel(p)
         if p.requires_grad:
-            train_w[dt] += p.numel() * p.element_size()
-            n_train += p.numel()
+            train_w[dt] += held * p.element_size()
+            n_train += held
         else:
-            frozen_w[dt] += p.numel() * p.element_size()
-            n_frozen += p.numel()
+            frozen_w[dt] += held * p.element_size()
+            n_frozen += held
     for name in sorted(frozen_set or ()):
         if name in buffers:
             b = buffers[name]
             frozen_w[str(b.dtype).removeprefix("torch.")] += b.numel() * b.element_size()
             n_frozen += b.numel()
 
-    grad_bytes = _unique_bytes((p.grad for p in params.values() if p.grad is not None), set())
+    grad_bytes = _unique_bytes((_local(p.grad) for p in params.values() if p.grad is not None), set())
 
     state_total, by_key = 0, defaultdict(int)
     if optimizer is not None:
@@ -236,7 +263,7 @@ def memory_ledger(model: nn.Module, optimizer: Any = None, *,
         seen: set[tuple[str, int]] = set()
         for entry in state.values():
             for key, t in _state_tensors(entry):
-                b = _unique_bytes([t], seen)
+                b = _unique_bytes([_local(t)], seen)
                 state_total += b
                 by_key[key or "<tensor>"] += b
 
