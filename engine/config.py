@@ -123,7 +123,7 @@ class TrainConfig:
     parallel: str = "ddp"
     """Data parallelism over several processes (torchrun): 'ddp' (every process holds the whole UNet)
     or 'fsdp' (FSDP2: each holds a shard of every UNet tensor, for models that do not fit one device;
-    not with update_in_backward, bf16/8bit optimizer_states, adamw8bit or compile)."""
+    not with update_in_backward, adamw8bit or compile)."""
 
 
 @dataclass
@@ -213,7 +213,6 @@ class FinetuneConfig:
 def _fsdp_conflicts(tc: TrainConfig) -> list[tuple[bool, str]]:
     """(setting is fine, what it is) for the train settings FSDP sharding refuses (``train.fsdp``)."""
     return [(not tc.update_in_backward, "train.update_in_backward (FSDP reduce-scatters gradients after backward)"),
-            (tc.optimizer_states == "fp32", f"train.optimizer_states={tc.optimizer_states} (only fp32 moments)"),
             (tc.optimizer == "adamw", f"train.optimizer={tc.optimizer} (bitsandbytes does not step DTensor shards)"),
             (tc.compile == "none", f"train.compile={tc.compile} (regions are not compiled over FSDP units)")]
 

@@ -14,6 +14,7 @@ losses to rel 1e-3 and weights to atol 5e-4 (3 steps x lr x 2^-8 x |g| / eps for
 their frozen tensors are still bit-identical (never written, and the proof checks exactly that).
 """
 import json
+import math
 import os
 import socket
 
@@ -32,6 +33,7 @@ from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
 from freezeasguard.engine.guard.subspace import random_lock
 from freezeasguard.engine.model.components import build_components, load_components
+from freezeasguard.engine.optim.flat import FlatAdamW
 from freezeasguard.engine.optim.groups import param_groups
 from freezeasguard.engine.service.policy import Policy, extra_problems
 from freezeasguard.engine.train.distributed import DistInfo
@@ -216,54 +218,92 @@ def test_fsdp_two_processes_equal_one(tmp_path):
         tr.resume(tmp_path / "fsdp" / "unet-fp32" / "checkpoints" / "step-000002")
 
 
-# (preset, image resolution, freeze mode) of the ledger check
-LEDGER_RUNS = (("tiny", 16, "engine"), ("tiny", 16, "full"), ("flux-tiny", 32, "engine"))
+# (preset, image resolution, freeze mode, engine moments) of the ledger check
+LEDGER_RUNS = (("tiny", 16, "engine", "fp32"), ("tiny", 16, "full", "fp32"), ("flux-tiny", 32, "engine", "fp32"),
+               ("tiny", 16, "engine", "8bit"), ("flux-tiny", 32, "engine", "bf16"))
 
 
-def _ledger_run(out, preset, res, mode, batch):
-    tr = Trainer(tiny_config(out, f"model.preset={preset}", "train.steps=1", f"freeze.mode={mode}", "freeze.ratio=0.5",
-                             "train.mixed_precision=bf16", f"train.batch_size={batch}", "train.parallel=fsdp"),
+def _ledger_run(out, preset, res, mode, states, batch):
+    tr = Trainer(tiny_config(out, f"model.preset={preset}", "train.steps=2", f"freeze.mode={mode}", "freeze.ratio=0.5",
+                             "train.mixed_precision=bf16", f"train.batch_size={batch}", "train.parallel=fsdp",
+                             f"train.optimizer_states={states}"),
                  dataset=tiny_digits(resolution=res))
     tr.measure_memory = True
     tr.fit()
     return tr
 
 
+def _against_flat_adamw(world, states):
+    """ShardedFlatAdamW with compact moments is FlatAdamW over this process's padded shards: 3
+    clipped steps of a sharded model, against a FlatAdamW over copies of the shards given the same
+    gradients and the same (global) clip scale, bit for bit."""
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 300), nn.Linear(300, 1), nn.Linear(1, 7))  # shards: 150 rows, 1 row or none
+    fully_shard(m[1], mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    hp = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, states=states, seed=3)
+    opt = ShardedFlatAdamW(m, [(n, p) for n, p in m.named_parameters()], **hp)
+    ref = FlatAdamW([(n, nn.Parameter(q.detach().clone())) for n, _, q, _ in opt.shards], **hp)
+    mine = {n: q for n, _, q, _ in opt.shards}
+    start = opt.flat.detach().clone()
+    g = torch.Generator().manual_seed(dist.get_rank())
+    for _ in range(3):
+        m(torch.randn(4, 6, generator=g)).square().sum().backward()
+        opt.clip_grad_norm_(0.5)
+        ref.flat.grad.copy_(opt.flat.grad)  # the same layout: segment by segment
+        ref._norm, ref._scale = opt._norm, opt._scale
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+    same = all(torch.equal(mine[n], p) for n, p in ref.named) and ref.segments == opt.segments
+    return same, float((opt.flat - start).abs().max())  # and how far the step moved the weights
+
+
 def _ledger_worker(rank, world, port, root):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo")
-    out = {}
-    for preset, res, mode in LEDGER_RUNS:
-        tr = _ledger_run(f"{root}/{preset}-{mode}", preset, res, mode, batch=4)
+    out = {"flat": {states: _against_flat_adamw(world, states) for states in ("bf16", "8bit")}}
+    for preset, res, mode, states in LEDGER_RUNS:
+        tr = _ledger_run(f"{root}/{preset}-{mode}-{states}", preset, res, mode, states, batch=4)
         assert tr.parallel.sharded
         # the plan of the live (sharded) model: DTensors report their global shapes
-        plan = memory_plan(tr.c.unet, tr.guard.frozen_names, mode=mode).per_device(world)
-        out[(preset, mode)] = (tr.last_ledger, plan.sharded_bytes)
+        plan = memory_plan(tr.c.unet, tr.guard.frozen_names, mode=mode, states=states).per_device(world)
+        report = tr.verify_frozen()
+        ok = report.ok if report is not None else mode == "full"  # a full run has no frozen tensor to prove
+        out[(preset, mode, states)] = (tr.last_ledger, plan.sharded_bytes, ok, [s.loss for s in tr.history])
     torch.save(out, f"{root}/ledger-{rank}.pt")
     dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_the_ledger_under_fsdp_is_the_per_device_plan(tmp_path):
-    """Under FSDP2 the ledger counts what each process holds: on the busiest (rank 0) exactly the
-    plan's per-device shards (padded dim-0 shards of weights, gradients and moments); the other rank
-    at most that (torch AdamW's moments of a short last shard are unpadded). The activations each
-    process saves are a one-process run's at its share of the batch (FSDP's all-gathered weights are
-    weights, not activations)."""
+def test_compact_moments_and_the_ledger_under_fsdp(tmp_path):
+    """bf16 and 8-bit moments per shard are FlatAdamW's over the padded shards, bit for bit. Under
+    FSDP2 the ledger counts what each process holds: on the busiest (rank 0) exactly the plan's
+    per-device shards (padded dim-0 shards of weights, gradients and fp32 / bf16 / 8-bit moments);
+    the other rank at most that (torch AdamW's moments of a short last shard are unpadded). The
+    activations each process saves are a one-process run's at its share of the batch (FSDP's
+    all-gathered weights are weights, not activations). Every guarded run's proof holds."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ledger_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"ledger-{r}.pt", weights_only=False) for r in (0, 1)]
-    for preset, res, mode in LEDGER_RUNS:
-        (led0, plan0), (led1, plan1) = ranks[0][(preset, mode)], ranks[1][(preset, mode)]
-        assert plan0 == plan1 and led0.static_bytes == plan0, (preset, mode, led0.static_bytes, plan0)
+    for r in ranks:
+        for states, (same, moved) in r["flat"].items():
+            assert same and moved > 1e-3, (states, moved)  # 3 steps of lr 1e-2
+    for run in LEDGER_RUNS:
+        preset, res, mode, states = run
+        key = (preset, mode, states)
+        (led0, plan0, ok0, loss0), (led1, plan1, ok1, loss1) = ranks[0][key], ranks[1][key]
+        assert plan0 == plan1 and led0.static_bytes == plan0, (run, led0.static_bytes, plan0)
         assert 0 < led1.static_bytes <= led0.static_bytes
-        one = _ledger_run(tmp_path / f"one-{preset}-{mode}", preset, res, mode, batch=2).last_ledger
-        assert led0.static_bytes < one.static_bytes
-        assert led0.activation_bytes == led1.activation_bytes == one.activation_bytes > 0, (preset, mode)
+        assert ok0 and ok1 and loss0 == loss1 and all(math.isfinite(x) for x in loss0)  # the proof holds
+        one = _ledger_run(tmp_path / f"one-{preset}-{mode}-{states}", preset, res, mode, states, batch=2)
+        assert led0.static_bytes < one.last_ledger.static_bytes
+        assert led0.activation_bytes == led1.activation_bytes == one.last_ledger.activation_bytes > 0, run
 
 
 def test_one_process_fsdp_is_the_plain_path(tmp_path, one_thread):
@@ -278,8 +318,7 @@ def test_one_process_fsdp_is_the_plain_path(tmp_path, one_thread):
     assert all(torch.equal(t, runs["ddp"][1][n]) for n, t in runs["fsdp"][1].items())
 
 
-@pytest.mark.parametrize("setting", ["train.update_in_backward=true", "train.optimizer_states=bf16",
-                                     "train.optimizer_states=8bit", "train.optimizer=adamw8bit",
+@pytest.mark.parametrize("setting", ["train.update_in_backward=true", "train.optimizer=adamw8bit",
                                      "train.compile=blocks"])
 def test_fsdp_refuses_what_it_does_not_run(tmp_path, setting):
     extra = ["freeze.mode=engine", "freeze.ratio=0.5", setting]

@@ -30,7 +30,8 @@ def test_the_flux_plan_holds_its_invariants():
         assert all(r["gather_gib"] > 0 and r["reduce_gib"] > 0 for r in rows[1:])  # FSDP2's transients counted
         assert all(r["fits_h200"] or not r["fits_80gb"] for r in rows)
     fsdp = {r["setup"]: r["runs"] for r in res["per_device"] if r["devices"] == 2}
-    assert fsdp["full"] == fsdp["naive"] == fsdp["engine"] == "fsdp" and fsdp["engine+8bit"] == "refused"
+    assert fsdp["full"] == fsdp["naive"] == fsdp["engine"] == fsdp["engine+8bit"] == fsdp["engine+bf16"] == "fsdp"
+    assert fsdp["engine+in-backward"] == fsdp["engine+8bit+in-backward"] == "refused"
     assert res["largest_block"].startswith("transformer_blocks.")  # double-stream blocks are the larger
 
 

@@ -38,8 +38,13 @@ main process writes. Checkpoints hold the gathered trainable tensors (the files 
 run) and every rank's flat optimizer state (gathered to the main process's host, one entry per
 rank); they resume under FSDP with the same process count (others are refused by name).
 
+The moments may be compact (``train.optimizer_states=bf16|8bit``): the flat AdamW lays them out
+over the padded local shards exactly as over whole tensors (8-bit blocks start at each shard), so
+a process steps its shards as ``FlatAdamW`` steps tensors of their shapes (tested bit for bit).
+
 Memory per device, W processes, P_t trainable and P_f frozen parameters: trainable 4 P_t / W
-(fp32 shards, in the flat buffer only), gradients 4 P_t / W, AdamW moments 8 P_t / W, frozen
+(fp32 shards, in the flat buffer only), gradients 4 P_t / W, AdamW moments 8 P_t / W (4 in bf16,
+about 2 in 8 bits), frozen
 2 P_f / W under bf16 storage (4 P_f / W in fp32), no frozen gradient or state; plus, transiently,
 two all-gathered blocks (the one computing and the one prefetched, in their storage dtypes, with a
 block's unsharded gradients in backward) and the root's tensors, which FSDP2 keeps gathered from
@@ -48,11 +53,11 @@ each process keeps the guard's fp32 copies of bf16-held frozen tensors, and the 
 full model to every process's host.
 
 Refused under FSDP (``FinetuneConfig.validate``; direction locks in ``train.wiring`` and here, custom
-wirings in ``parallel_for``): in-backward updates, compact optimizer states, bitsandbytes' 8-bit
-AdamW, ``train.compile``, direction locks, custom wirings. Tested on CPU with gloo
-(tests/test_fsdp.py). The memory ledger (``train.ledger``) counts what each process holds: on the
-busiest it equals ``train.memplan``'s per-device shards byte for byte (tested), and the all-gathered
-weights autograd saves are weights, not activations.
+wirings in ``parallel_for``): in-backward updates, bitsandbytes' 8-bit AdamW, ``train.compile``,
+direction locks, custom wirings. Tested on CPU with gloo (tests/test_fsdp.py). The memory ledger
+(``train.ledger``) counts what each process holds: on the busiest it equals ``train.memplan``'s
+per-device shards byte for byte (tested), and the all-gathered weights autograd saves are weights,
+not activations.
 """
 from __future__ import annotations
 
