@@ -69,3 +69,12 @@ def test_plan_step_refuses_an_unknown_setup(tmp_path, capsys):
     with pytest.raises(SystemExit):
         step_main(["--preset", "flux-tiny", "--setups", "engine+4bit", "--out", str(tmp_path)])
     assert "engine+4bit" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "sdxl-tiny", "sd3-tiny"])
+def test_plan_step_matches_the_ledger_on_every_family(tmp_path, preset):
+    """The conditioning plan-step draws fits each family's denoiser, and the plan is its ledger."""
+    assert step_main(["--preset", preset, "--resolution", "32", "--setups", "engine+8bit", "--device", "cpu",
+                      "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "step.json").read_text())["rows"]
+    assert row["plan_equals_ledger"] and row["frozen_tensors"] > 0 and all(math.isfinite(x) for x in row["losses"])
