@@ -67,7 +67,7 @@ def test_bf16_storage_and_ledger_match_the_analytic_formulas(tmp_path):
     tr.fit(3)
     assert tr.verify_frozen().ok  # live bf16 copies still equal the rounded originals
     out = tr.save_final()
-    from freezeasguard.engine.cli.proof import load_unet_state
+    from freezeasguard.engine.cli.verify import load_unet_state
     from freezeasguard.engine.guard.verify import verify_frozen
 
     state = load_unet_state(out)

@@ -1,15 +1,11 @@
-"""``keygen``, ``sign`` and ``audit``: keys, signatures and the log proof anyone can rerun; the reading of a
-model folder's denoiser weights that ``verify`` (``cli.verify``) uses."""
+"""``keygen``, ``sign`` and ``audit``: keys, signatures and the log proof anyone can rerun."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from freezeasguard.engine.errors import ConfigError, JobLogError, ManifestError, SignatureError
+from freezeasguard.engine.errors import ConfigError, JobLogError, SignatureError
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.service import signing
 from freezeasguard.engine.service.audit import audit_jobs
@@ -36,45 +32,6 @@ def cmd_sign(args: argparse.Namespace) -> int:
     print(f"signed manifest {signed.digest()[:16]}... with {signed.signature['alg']} key "
           f"{signed.signature['key_id']}: {out}")
     return 0
-
-
-# The denoiser's folder in a diffusers checkout: a UNet's, or a diffusion transformer's (SD3, Flux).
-DENOISER_DIRS = ("unet", "transformer")
-
-
-def denoiser_folder(path: Path) -> Path:
-    """The folder holding a model folder's denoiser weights (``path`` itself when it is one)."""
-    found = [d for d in DENOISER_DIRS if (path / d).is_dir()]
-    if len(found) > 1:  # the pipeline index names the one diffusers loads
-        index = path / "model_index.json"
-        try:
-            entries = json.loads(index.read_text())
-            named = [d for d in found if isinstance(entries.get(d), list) and entries[d] and entries[d][0]]
-        except (OSError, ValueError, TypeError, AttributeError):
-            named = []
-        if len(named) != 1:
-            raise ManifestError(f"model folder {str(path)!r} has both unet/ and transformer/ and its "
-                                "model_index.json does not say which is the denoiser")
-        found = named
-    return path / found[0] if found else path
-
-
-def load_unet_state(path: str | Path) -> dict:
-    """Denoiser tensors of a model folder (``unet/`` or ``transformer/`` ``*.safetensors``), of a
-    denoiser folder itself, or of a .safetensors file."""
-    path = Path(path)
-    if path.is_file():
-        return load_file(path)
-    folder = denoiser_folder(path)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights under {folder} (a model folder holds them in unet/ "
-                                "or transformer/)")
-    state: dict = {}
-    for f in files:
-        state.update(load_file(f))
-    return state
-
 
 
 def _audit_keys(args: argparse.Namespace) -> tuple[signing.Key | None, str | None, list[str]]:

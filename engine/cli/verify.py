@@ -13,16 +13,42 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from freezeasguard.engine.cli.proof import denoiser_folder, load_unet_state
 from freezeasguard.engine.errors import ManifestError
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.subspace import lock_residuals
 from freezeasguard.engine.guard.verify import verify_frozen
-from freezeasguard.engine.model.families import FAMILIES
+from freezeasguard.engine.model.families import FAMILIES, detect_family
 
 _SHOWN = 20  # detail lines printed per kind; the counts say how many there are
 _CLASSES = {f.denoiser_class.__name__: f.denoiser_class for f in FAMILIES.values()}
+
+
+def denoiser_folder(path: Path) -> Path:
+    """The folder holding a model folder's denoiser weights: the one ``load_components`` loads
+    (``detect_family``: the pipeline index, else the folders' configs), or ``path`` itself when it
+    is a denoiser folder."""
+    if (path / "unet").is_dir() or (path / "transformer").is_dir():
+        return path / detect_family(path).denoiser_dir
+    return path
+
+
+def load_unet_state(path: str | Path) -> dict:
+    """Denoiser tensors of a model folder (``unet/`` or ``transformer/`` ``*.safetensors``), of a
+    denoiser folder itself, or of a .safetensors file."""
+    path = Path(path)
+    if path.is_file():
+        return load_file(path)
+    folder = denoiser_folder(path)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights under {folder} (a model folder holds them in unet/ "
+                                "or transformer/)")
+    state: dict = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
 
 
 def buffer_names(path: str | Path) -> set[str]:
