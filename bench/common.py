@@ -30,7 +30,7 @@ def conditions(**extra: Any) -> dict[str, Any]:
     """Where and with what a number was measured."""
     import diffusers
 
-    from freezeasguard.engine import __version__
+    from freezeasguard.engine.version import __version__
     from freezeasguard.engine.backends import all_backends
 
     if torch.cuda.is_available():

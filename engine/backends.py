@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,17 @@ class Backend:
         state = "usable" if self.available else "unusable"
         ver = f" {self.version}" if self.version else ""
         return f"{self.name}{ver}: {state} ({self.reason})"
+
+
+def quiet_import_warnings() -> None:
+    """Silence what xformers and bitsandbytes log when diffusers imports them where they cannot run.
+
+    diffusers imports both whenever they are installed; without CUDA extensions for this torch
+    (xformers) or 4-bit CPU kernels (bitsandbytes) they log warnings on every model load.
+    ``freezeasguard info`` says what each backend can do here, and the engine logs which attention
+    and optimizer run, and why, when it runs. Called by the subpackages that import diffusers."""
+    logging.getLogger("xformers").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _import(name: str):

@@ -16,7 +16,7 @@ PACKAGES = {"freezeasguard.engine": ROOT / "engine", "freezeasguard.kernels": RO
 
 # Lowest first. A module may import from layers below its own and from its own subpackage only.
 LAYERS = [
-    {"freezeasguard.engine", "freezeasguard.engine.errors", "freezeasguard.engine.io", "freezeasguard.kernels"},
+    {"freezeasguard.engine.version", "freezeasguard.engine.errors", "freezeasguard.engine.io", "freezeasguard.kernels"},
     {"freezeasguard.engine.config", "freezeasguard.engine.backends"},
     {"freezeasguard.engine.model", "freezeasguard.engine.guard", "freezeasguard.engine.optim"},
     {"freezeasguard.engine.train"},

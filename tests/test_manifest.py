@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from freezeasguard.engine import __version__
+from freezeasguard.engine.version import __version__
 from freezeasguard.engine.errors import ManifestError, MaskError
 from freezeasguard.engine.guard.hashing import model_fingerprint, tensor_sha256
 from freezeasguard.engine.guard.manifest import SCHEMA, Manifest, load_mask

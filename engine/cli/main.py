@@ -13,7 +13,7 @@ import importlib
 import logging
 import sys
 
-from freezeasguard.engine import __version__
+from freezeasguard.engine.version import __version__
 from freezeasguard.engine.errors import FreezeAsGuardError
 
 

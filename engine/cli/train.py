@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-from freezeasguard.engine import __version__
+from freezeasguard.engine.version import __version__
 from freezeasguard.engine.backends import all_backends
 from freezeasguard.engine.config import resolve
 from freezeasguard.engine.model.components import load_components

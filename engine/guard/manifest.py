@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from freezeasguard.engine import __version__
+from freezeasguard.engine.version import __version__
 from freezeasguard.engine.errors import ManifestError, MaskError
 from freezeasguard.engine.guard.hashing import NamedTensors, dtype_name, model_fingerprint, named_tensors, tensor_sha256
 from freezeasguard.engine.guard.mask import FreezeMask, ModelLike, read_json

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from freezeasguard.engine import __version__
+from freezeasguard.engine.version import __version__
 from freezeasguard.engine.errors import MaskLearnError
 from freezeasguard.engine.guard.mask import FreezeMask
 from freezeasguard.engine.learn.config import MaskLearnConfig, MaskOptConfig

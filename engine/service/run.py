@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from freezeasguard.engine import __version__
+from freezeasguard.engine.version import __version__
 from freezeasguard.engine.errors import JobError, JobLogError
 from freezeasguard.engine.guard.hashing import model_folder_files
 from freezeasguard.engine.guard.verify import VerifyReport

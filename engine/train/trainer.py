@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from freezeasguard.engine import __version__
+from freezeasguard.engine.version import __version__
 from freezeasguard.engine.config import FinetuneConfig, TrainConfig, from_dict
 from freezeasguard.engine.errors import ConfigError, TrainingError
 from freezeasguard.engine.io import atomic_write_json
