@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from freezeasguard.engine.errors import ConfigError
+from freezeasguard.kernels.choices import COMPACT_STATE_KINDS, STATE_KINDS
 
 
 @dataclass
@@ -189,11 +190,12 @@ class FinetuneConfig:
             (self.freeze.budget_by in ("params", "tensors"), "freeze.budget_by must be 'params' or 'tensors'"),
             (self.freeze.ratio is None or 0.0 <= self.freeze.ratio <= 1.0, "freeze.ratio must be in [0, 1]"),
             (self.freeze.frozen_dtype in ("auto", "fp32", "bf16"), "freeze.frozen_dtype must be auto|fp32|bf16"),
-            (self.train.optimizer_states in ("fp32", "bf16", "8bit"), "train.optimizer_states must be fp32|bf16|8bit"),
-            (self.train.optimizer_states not in ("bf16", "8bit")
+            (self.train.optimizer_states in STATE_KINDS,
+             f"train.optimizer_states must be {'|'.join(STATE_KINDS)}, got {self.train.optimizer_states!r}"),
+            (self.train.optimizer_states not in COMPACT_STATE_KINDS
              or (self.freeze.mode == "engine" and self.train.optimizer == "adamw"),
-             "train.optimizer_states=bf16|8bit needs freeze.mode=engine and train.optimizer=adamw (the flat AdamW; "
-             "train.optimizer=adamw8bit is bitsandbytes' per-tensor 8-bit AdamW)"),
+             f"train.optimizer_states={'|'.join(COMPACT_STATE_KINDS)} needs freeze.mode=engine and "
+             "train.optimizer=adamw (the flat AdamW; train.optimizer=adamw8bit is bitsandbytes' per-tensor 8-bit AdamW)"),
             (not self.train.update_in_backward or (self.freeze.mode == "engine" and self.train.optimizer == "adamw"),
              "train.update_in_backward needs freeze.mode=engine and train.optimizer=adamw"),
             (not self.train.update_in_backward or self.train.grad_accum == 1,

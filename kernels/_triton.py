@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from freezeasguard.kernels.choices import BACKENDS
+
 
 @dataclass(frozen=True)
 class TritonStatus:
@@ -55,6 +57,33 @@ def blocker(device: torch.device) -> str | None:
     if device.type != "cuda" and not interpreting():
         return f"tensors are on {device} and TRITON_INTERPRET is not 1"
     return None
+
+
+def resolve_backend(backend: str, device: torch.device, what: str, *, choices: tuple[str, ...] = BACKENDS,
+                    eager: str = "torch") -> tuple[str, str]:
+    """The implementation a launcher runs on buffers on ``device``, and why; every kernel's and
+    the engine's optimizer's one reading of the backend names.
+
+    'auto' is the Triton kernel for CUDA tensors where Triton runs, and ``eager`` (the caller's
+    eager form) everywhere else: never the CPU interpreter, which is correct but far too slow to
+    train with (tests name 'triton' to run it there). 'triton' runs wherever Triton can and raises
+    the reason where it cannot; any other name in ``choices`` is kept as given.
+    """
+    if backend not in choices:
+        raise ValueError(f"{what} backend must be one of {choices}, got {backend!r}")
+    if backend == "triton":
+        why = blocker(device)
+        if why is not None:
+            raise requested_error(what, why)
+        return "triton", "requested"
+    if backend != "auto":
+        return backend, "requested"
+    if device.type != "cuda":
+        return eager, device.type
+    why = blocker(device)
+    if why is None:
+        return "triton", "CUDA: one Triton launch"
+    return eager, f"CUDA without Triton ({why})"
 
 
 def requested_error(what: str, why: str) -> RuntimeError:

@@ -34,12 +34,12 @@ bound, so the extra ALU work is free.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 
-from freezeasguard.kernels._triton import HAS_TRITON, blocker, interpreting, next_pow2, requested_error
+from freezeasguard.kernels._triton import HAS_TRITON, interpreting, next_pow2, resolve_backend
+from freezeasguard.kernels.choices import ADAMW_BACKENDS, AdamWBackend
 
 __all__ = [
     "AdamWInputError",
@@ -51,8 +51,6 @@ __all__ = [
     "global_grad_norm",
     "clip_coef",
 ]
-
-Backend = Literal["auto", "triton", "torch", "torch_fused"]
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -258,19 +256,6 @@ def _validate(
             raise AdamWInputError(f"{name} must be in [0, 1), got {b}")
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "triton", "torch", "torch_fused"):
-        raise ValueError(f"backend must be 'auto', 'triton', 'torch' or 'torch_fused', got {backend!r}")
-    if backend in ("torch", "torch_fused"):
-        return backend
-    why = blocker(device)
-    if why is None:
-        return "triton"
-    if backend == "auto":
-        return "torch"
-    raise requested_error("AdamW", why)
-
-
 def fused_adamw_(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -285,7 +270,7 @@ def fused_adamw_(
     decay_end: int,
     step: int,
     grad_scale: torch.Tensor | None = None,
-    backend: Backend = "auto",
+    backend: AdamWBackend = "auto",
 ) -> str:
     """One AdamW step over the flat trainable buffer, in place.
 
@@ -298,8 +283,9 @@ def fused_adamw_(
         step: the step being taken, counted from 1 (bias correction).
         grad_scale: optional 1-element fp32 device tensor multiplied into the gradient
             (global clip coefficient, optionally times an AMP unscale); read on device.
-        backend: 'auto' (Triton when it can run on these tensors, else eager), 'triton'
-            (raise if it cannot run), or 'torch' (the eager reference).
+        backend: one of ``ADAMW_BACKENDS``, read by ``_triton.resolve_backend``: 'auto' (the
+            Triton kernel on CUDA, else the eager reference), 'triton' (raise if it cannot run),
+            'torch' (the eager reference) or 'torch_fused' (torch's fused AdamW, fp32 only).
 
     Returns:
         The backend that ran, 'triton' or 'torch' (see ``adamw_launches``).
@@ -308,7 +294,7 @@ def fused_adamw_(
         param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, decay_end=decay_end, step=step, grad_scale=grad_scale,
     )
-    used = _resolve_backend(backend, param.device)
+    used = resolve_backend(backend, param.device, "AdamW", choices=ADAMW_BACKENDS)[0]
     if used == "torch_fused":
         _torch_fused_adamw_(param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                             weight_decay=weight_decay, decay_end=decay_end, step=step, grad_scale=grad_scale)

@@ -39,25 +39,24 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from freezeasguard.kernels._triton import HAS_TRITON, interpreting, next_pow2
+from freezeasguard.kernels._triton import HAS_TRITON, interpreting, next_pow2, resolve_backend
 from freezeasguard.kernels.adamw import AdamWInputError
 from freezeasguard.kernels.adamw_bf16 import (
     StepScalars,
     adamw_math_ref,
     check_buffer,
     check_step_args,
-    resolve_backend,
 )
+from freezeasguard.kernels.choices import Backend
 
 __all__ = ["adamw_8bit_", "adamw_8bit_ref_", "new_8bit_states", "dynamic_code", "code_tables",
            "ZERO_CODE_M", "ZERO_CODE_V"]
 
-Backend = Literal["auto", "triton", "torch"]
 ZERO_CODE_M = 127  # index of 0.0 in the signed table
 ZERO_CODE_V = 0  # index of 0.0 in the unsigned table
 _CUDA_ELEMS = 1024  # elements per program on CUDA: 8 per thread at 4 warps
@@ -290,8 +289,8 @@ def adamw_8bit_(
         absmax_m, absmax_v: 1-D fp32 block scales, ``ceil(n / block_size)`` each.
         lr, beta1, beta2, eps, weight_decay, decay_end, step, grad_scale: as ``fused_adamw_``.
         block_size: elements per block, a power of two in [16, 8192]; blocks start at element 0.
-        backend: 'auto' (Triton where it can run, else eager), 'triton' (raise if it cannot run)
-            or 'torch' (the eager reference).
+        backend: as ``_triton.resolve_backend`` reads it: 'auto' (the Triton kernel on CUDA, else
+            the reference), 'triton' (raise if it cannot run) or 'torch' (the eager reference).
 
     Returns:
         The backend that ran, 'triton' or 'torch'. Non-finite gradients must be caught by the
@@ -300,7 +299,7 @@ def adamw_8bit_(
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay_end=decay_end,
                  step=step, grad_scale=grad_scale)
     _validate(param, grad, q_m, q_v, absmax_m, absmax_v, block_size=block_size, **hyper)
-    used = resolve_backend(backend, param.device, "AdamW (8-bit states)")
+    used = resolve_backend(backend, param.device, "AdamW (8-bit states)")[0]
     if used == "torch":
         adamw_8bit_ref_(param, grad, q_m, q_v, absmax_m, absmax_v, block_size=block_size, **hyper)
         return used

@@ -33,16 +33,15 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from freezeasguard.kernels._triton import HAS_TRITON, blocker, requested_error
+from freezeasguard.kernels._triton import HAS_TRITON, resolve_backend
 from freezeasguard.kernels.adamw import AdamWInputError, launch_config
+from freezeasguard.kernels.choices import Backend
 
 __all__ = ["adamw_bf16_states_", "adamw_bf16_states_ref_", "stochastic_round_bf16", "stream_key"]
 
-Backend = Literal["auto", "triton", "torch"]
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASK32 = 0xFFFFFFFF
 _M1, _M2 = 0x7FEB352D, 0x846CA68B  # lowbias32 multipliers
@@ -160,19 +159,6 @@ def check_step_args(param, grad, *, lr, beta1, beta2, eps, weight_decay, decay_e
     for name, b in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 <= b < 1.0:
             raise AdamWInputError(f"{name} must be in [0, 1), got {b}")
-
-
-def resolve_backend(backend: str, device: torch.device, what: str) -> str:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "torch":
-        return backend
-    why = blocker(device)
-    if why is None:
-        return "triton"
-    if backend == "auto":
-        return "torch"
-    raise requested_error(what, why)
 
 
 # --- the hash and the rounding ------------------------------------------------------------
@@ -365,8 +351,9 @@ def adamw_bf16_states_(
         seed: the run's seed of the rounding hash (an int in [0, 2**64)).
         offset: the absolute index of element 0 in the caller's buffer: stepping ``[lo, hi)`` of a
             buffer with ``offset=lo`` rounds exactly as stepping the whole buffer does.
-        backend: 'auto' (Triton where it can run, else eager), 'triton' (raise if it cannot run)
-            or 'torch' (the bit-identical eager reference).
+        backend: as ``_triton.resolve_backend`` reads it: 'auto' (the Triton kernel on CUDA, else
+            the reference), 'triton' (raise if it cannot run) or 'torch' (the bit-identical eager
+            reference).
 
     Returns:
         The backend that ran, 'triton' or 'torch'.
@@ -374,7 +361,7 @@ def adamw_bf16_states_(
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay_end=decay_end,
                  step=step, grad_scale=grad_scale)
     _validate(param, grad, exp_avg, exp_avg_sq, seed=seed, offset=offset, **hyper)
-    used = resolve_backend(backend, param.device, "AdamW (bf16 states)")
+    used = resolve_backend(backend, param.device, "AdamW (bf16 states)")[0]
     if used == "torch":
         adamw_bf16_states_ref_(param, grad, exp_avg, exp_avg_sq, seed=seed, offset=offset, **hyper)
         return used

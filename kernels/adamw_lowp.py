@@ -33,6 +33,7 @@ from freezeasguard.kernels.adamw_8bit import (
     new_8bit_states,
 )
 from freezeasguard.kernels.adamw_bf16 import adamw_bf16_states_, adamw_bf16_states_ref_, stochastic_round_bf16
+from freezeasguard.kernels.choices import STATE_KINDS
 
 __all__ = [
     "adamw_bf16_states_",
@@ -49,12 +50,13 @@ __all__ = [
     "ZERO_CODE_V",
 ]
 
-KINDS = ("fp32", "bf16", "8bit")
+# Bytes of one stored moment element per kind; the 8-bit block scales are counted apart.
+MOMENT_BYTES = {"fp32": 4, "bf16": 2, "8bit": 1}
 
 
 def _check_kind(kind: str, block_size: int) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in STATE_KINDS:
+        raise ValueError(f"kind must be one of {STATE_KINDS}, got {kind!r}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
 
@@ -66,7 +68,7 @@ def bytes_per_element_lowp(kind: str, grad_dtype: torch.dtype = torch.float32, b
     block scales, read and written once per block. The code tables (2 KiB) stay in cache.
     """
     _check_kind(kind, block_size)
-    state = {"fp32": 4, "bf16": 2, "8bit": 1}[kind]
+    state = MOMENT_BYTES[kind]
     out = 4 + grad_dtype.itemsize + 2 * state + 4 + 2 * state
     return out + (16 / block_size if kind == "8bit" else 0)
 
@@ -74,4 +76,4 @@ def bytes_per_element_lowp(kind: str, grad_dtype: torch.dtype = torch.float32, b
 def state_bytes_per_element(kind: str, block_size: int = 256) -> float:
     """Bytes of optimizer state held per trainable element: 8 (fp32), 4 (bf16), 2 + 8/block (8bit)."""
     _check_kind(kind, block_size)
-    return {"fp32": 8.0, "bf16": 4.0, "8bit": 2.0 + 8.0 / block_size}[kind]
+    return 2.0 * MOMENT_BYTES[kind] + (8.0 / block_size if kind == "8bit" else 0.0)

@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from freezeasguard.kernels._triton import HAS_TRITON, blocker, interpreting, next_pow2, requested_error, status
+from freezeasguard.kernels._triton import HAS_TRITON, interpreting, next_pow2, resolve_backend
+from freezeasguard.kernels.choices import Backend
+from freezeasguard.kernels.mask_update_checks import MaskUpdateInputError, validate
 from freezeasguard.kernels.segment import segment_dots, segment_sum_rows
 
 __all__ = [
@@ -51,19 +52,12 @@ __all__ = [
     "bilevel_step_ref_",
     "bytes_moved",
     "launch_config",
-    "resolve_backend",
 ]
-
-Backend = Literal["auto", "triton", "torch"]
 
 _CUDA_TILE = 1024  # elements per program and tile on CUDA: 8 fp32 per thread at 4 warps
 _CUDA_WARPS = 4
 _INTERP_TILE = 1 << 16  # the interpreter pays per program, not per element: few, big blocks
 _INT32_LIMIT = 2**31
-
-
-class MaskUpdateInputError(ValueError):
-    """The buffers or hyperparameters handed to the bilevel step are inconsistent."""
 
 
 # ------------------------------------------------------------------------- the reference
@@ -266,88 +260,6 @@ def bytes_moved(n: int, chunk: int, decay_end: int, *, update: bool = True, dots
     return total
 
 
-def resolve_backend(backend: str, device: torch.device) -> Literal["triton", "torch"]:
-    """Which implementation ``bilevel_step_`` runs for buffers on ``device``.
-
-    'auto' picks Triton only for CUDA tensors (not under the interpreter, far too slow for
-    training); 'triton' runs it wherever it can (CUDA, or the CPU interpreter) and raises
-    otherwise; 'torch' is the eager reference.
-    """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "torch":
-        return "torch"
-    if backend == "auto":
-        return "triton" if status().available and device.type == "cuda" and not interpreting() else "torch"
-    why = blocker(device)
-    if why is None:
-        return "triton"
-    raise requested_error("bilevel step", why)
-
-
-def _check_flat(name: str, t: object, n: int | None, device: torch.device | None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise MaskUpdateInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 1:
-        raise MaskUpdateInputError(f"{name} must be a flat 1-D buffer, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise MaskUpdateInputError(f"{name} must be contiguous (stride {t.stride()})")
-    if t.dtype != torch.float32:
-        raise MaskUpdateInputError(f"{name} must be float32, got {t.dtype}")
-    if n is not None and t.numel() != n:
-        raise MaskUpdateInputError(f"{name} has {t.numel()} elements, expected {n}")
-    if device is not None and t.device != device:
-        raise MaskUpdateInputError(f"{name} is on {t.device}, theta is on {device}")
-
-
-def _validate(bufs: dict[str, torch.Tensor], keep: torch.Tensor, rows_per_tensor: torch.Tensor, *, chunk: int,
-              lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decay_end: int,
-              step: int, grad_scale: torch.Tensor | None, update: bool, scratch: torch.Tensor | None) -> None:
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise MaskUpdateInputError(f"chunk must be an int >= 1, got {chunk!r}")
-    _check_flat("theta", bufs["theta"], None, None)
-    n, dev = bufs["theta"].numel(), bufs["theta"].device
-    for name, t in bufs.items():
-        _check_flat(name, t, n, dev)
-    if n == 0 or n % chunk:
-        raise MaskUpdateInputError(f"buffers hold {n} elements, not a positive multiple of chunk={chunk} "
-                                   "(build them with FlatLayout)")
-    if len({t.data_ptr() for t in bufs.values()}) != len(bufs):
-        raise MaskUpdateInputError("theta, theta_pre, theta_d, grad, exp_avg and exp_avg_sq must be distinct buffers")
-    rows = n // chunk
-    _check_flat("keep", keep, rows, dev)
-    if not isinstance(rows_per_tensor, torch.Tensor) or rows_per_tensor.dim() != 1 \
-            or rows_per_tensor.dtype != torch.int64 or rows_per_tensor.device != dev:
-        raise MaskUpdateInputError("rows_per_tensor must be a 1-D int64 tensor on the buffers' device "
-                                   "(FlatLayout.rows_per_tensor)")
-    # The sum needs the values: checked where that is free (a host sync on CUDA every step is not).
-    if dev.type == "cpu" and int(rows_per_tensor.sum()) != rows:
-        raise MaskUpdateInputError(f"rows_per_tensor sums to {int(rows_per_tensor.sum())}, the buffers have "
-                                   f"{rows} rows of {chunk}")
-    if scratch is not None:
-        _check_flat("scratch", scratch, n, dev)
-    if grad_scale is not None:
-        if not isinstance(grad_scale, torch.Tensor) or grad_scale.numel() != 1:
-            raise MaskUpdateInputError("grad_scale must be None or a 1-element tensor")
-        if grad_scale.dtype != torch.float32 or grad_scale.device != dev:
-            raise MaskUpdateInputError(f"grad_scale must be float32 on {dev} (read on the device, no host sync), "
-                                       f"got {grad_scale.dtype} on {grad_scale.device}")
-    if isinstance(decay_end, bool) or not isinstance(decay_end, int) or not 0 <= decay_end <= n:
-        raise MaskUpdateInputError(f"decay_end must be an int in [0, {n}], got {decay_end!r}")
-    if not update:
-        return
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise MaskUpdateInputError(f"step must be an int >= 1 (the step being taken), got {step!r}")
-    for name, x in (("lr", lr), ("weight_decay", weight_decay)):
-        if not x >= 0.0:
-            raise MaskUpdateInputError(f"{name} must be >= 0, got {x}")
-    if not eps > 0.0:  # the zero padding between segments has v = 0: eps = 0 would make it 0/0
-        raise MaskUpdateInputError(f"eps must be > 0, got {eps}")
-    for name, b in (("beta1", beta1), ("beta2", beta2)):
-        if not 0.0 <= b < 1.0:
-            raise MaskUpdateInputError(f"{name} must be in [0, 1), got {b}")
-
-
 @torch.no_grad()
 def bilevel_step_(
     theta: torch.Tensor, theta_pre: torch.Tensor, theta_d: torch.Tensor, grad: torch.Tensor,
@@ -362,19 +274,19 @@ def bilevel_step_(
     Args:
         scratch: optional flat fp32 buffer; the kernel keeps its ``[rows]`` row partials in its
             head (no allocation per step), the reference its update temporary.
-        backend: see ``resolve_backend``: 'auto' (Triton on CUDA tensors, else the reference),
-            'triton' (raise if it cannot run) or 'torch'.
+        backend: as ``_triton.resolve_backend`` reads it: 'auto' (Triton on CUDA tensors, else
+            the reference), 'triton' (raise if it cannot run) or 'torch'.
     Returns:
         The per-tensor dots ``<theta_d_i, g_i>`` (fp64, flat order) when ``dots``, else None.
     """
     bufs = {"theta": theta, "theta_pre": theta_pre, "theta_d": theta_d, "grad": grad, "exp_avg": exp_avg,
             "exp_avg_sq": exp_avg_sq}
-    _validate(bufs, keep, rows_per_tensor, chunk=chunk, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+    validate(bufs, keep, rows_per_tensor, chunk=chunk, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
               weight_decay=weight_decay, decay_end=decay_end, step=step, grad_scale=grad_scale, update=update,
               scratch=scratch)
     hp = dict(chunk=chunk, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
               decay_end=decay_end, step=step, grad_scale=grad_scale, update=update, dots=dots)
-    if resolve_backend(backend, theta.device) == "torch":
+    if resolve_backend(backend, theta.device, "bilevel step")[0] == "torch":
         return bilevel_step_ref_(theta, theta_pre, theta_d, grad, exp_avg, exp_avg_sq, keep, rows_per_tensor,
                                  scratch=scratch, **hp)
     cfg = launch_config(chunk, theta.numel() // chunk, theta.device)

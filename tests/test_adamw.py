@@ -252,7 +252,8 @@ def test_invalid_hyperparameters_raise(over, match):
 @pytest.mark.triton
 def test_backend_dispatch(monkeypatch):
     assert _step(*_bufs(), backend="torch") == "torch"
-    assert _step(*_bufs(), backend="auto") == "triton"  # the interpreter is on in tests
+    assert _step(*_bufs(), backend="auto") == "torch"  # CPU: never the interpreter unasked
+    assert _step(*_bufs(), backend="triton") == "triton"  # the interpreter is on in tests
     with pytest.raises(ValueError, match="backend must be"):
         _step(*_bufs(), backend="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

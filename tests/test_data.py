@@ -139,3 +139,44 @@ def test_long_thin_image_is_resized_within_bounds(tmp_path, monkeypatch):
     img = Image.open(root / "noise.png").resize((160, 8), Image.Resampling.BICUBIC).crop((76, 0, 84, 8))
     old = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
     assert (small.int() - old.int()).abs().max() <= 1
+
+
+# --- the loader's steps, one at a time -------------------------------------------------------
+
+
+def test_a_metadata_line_is_decoded_then_read_field_by_field():
+    from freezeasguard.engine.model import metadata as M
+
+    assert M.decode_line(b"\xef\xbb\xbf{}", 1) == "{}" and M.decode_line(b"\xef\xbb\xbf{}", 2) == "\ufeff{}"
+    assert M.decode_line(b"\xff", 3) is None
+    ok = json.dumps({"file_name": "a.png", "text": " cap ", "domain": "legal"})
+    assert M.row_fields(ok, 4, "m:4", "text", None) == ("a.png", " cap ", "legal")
+    for line, where_file, message in [
+        (None, "metadata.jsonl", "m:4: not valid UTF-8"),
+        ("[1]", "metadata.jsonl", "m:4: missing 'file_name'"),
+        (json.dumps({"file_name": "a.png", "text": "x", "domain": 3}), "a.png", "m:4: a.png: 'domain' must be a string"),
+        (ok, "a.png", "m:4: a.png: unknown domain 'legal'; known: ['illegal']"),
+    ]:
+        with pytest.raises(M.LineProblem) as got:
+            M.row_fields(line, 4, "m:4", "text", ["illegal"] if line == ok else None)
+        assert got.value.problem == (where_file, 4, message)
+
+
+def test_the_lines_are_checked_before_any_image_is_read(tmp_path):
+    from freezeasguard.engine.model import metadata as M
+
+    root = _folder(tmp_path, [*GOOD, {"file_name": "9.png", "text": "gone"}])
+    (root / "0.png").write_bytes(b"not an image: the line check never opens it")
+    folder = D._open_folder(root, True)
+    try:
+        todo, problems, digest = M.check_lines(folder, root, caption_column="text", domains=["legal"],
+                                               known_domains=None, max_images=10, max_image_bytes=1 << 20,
+                                               max_metadata_bytes=1 << 20, deadline=None)
+    finally:
+        folder.close()
+    assert [rec.file_name for rec, _, _ in todo] == ["0.png", "2.png"]  # 'illegal' is filtered, not a problem
+    assert problems == [] and len(digest) == 64
+    with pytest.raises(errors.DatasetError, match="does not exist"):
+        D._open_folder(tmp_path / "nowhere", True)
+    with pytest.raises(errors.DatasetError, match="the dataset is empty after skipping bad lines"):
+        D._check_selection(root, [], None, skipped=True)

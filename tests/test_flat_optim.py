@@ -4,7 +4,6 @@ import torch
 from helpers import tiny_config, tiny_digits
 
 from freezeasguard.engine.errors import TrainingError
-from freezeasguard.engine.optim import flat
 from freezeasguard.engine.optim.flat import FlatAdamW, resolve_flat_backend
 from freezeasguard.engine.train.trainer import Trainer
 from freezeasguard.kernels import _triton
@@ -29,7 +28,9 @@ def test_auto_backend_on_cuda_without_triton_falls_back_and_says_so(monkeypatch)
         resolve_flat_backend("cuda", cuda)
     opt = FlatAdamW(_named(), lr=1e-2)
     assert "AdamW backend torch_fused (cpu: torch's fused AdamW)" in opt.describe()
-    assert flat.BACKENDS[0] == "auto"
+    assert resolve_flat_backend("auto", torch.device("cpu"), "8bit")[0] == "torch"  # torch_fused keeps fp32 only
+    with pytest.raises(ValueError, match="flat AdamW backend must be one of"):
+        resolve_flat_backend("torch_fused", torch.device("cpu"), "bf16")
 
 
 @pytest.mark.parametrize("backend", ["torch_fused", "torch"])

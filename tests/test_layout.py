@@ -25,7 +25,7 @@ LAYERS = [
 ]
 # Imported inside functions only where they may be absent or unusable here.
 OPTIONAL_BACKENDS = {"triton", "xformers", "bitsandbytes", "pynvml"}
-MAX_LINES = 420
+MAX_LINES = 400
 
 
 def _modules() -> dict[str, Path]:

@@ -6,10 +6,12 @@ An image folder holds images and a ``metadata.jsonl`` whose lines are JSON objec
 an image that does not decode, a missing caption or an unknown domain is an error naming the
 file and the line. ``skip_bad=True`` skips such lines instead and reports each one.
 
-Images are decoded once, resized (short side) and cropped to a square, and kept as uint8.
+Images are decoded once, resized (short side) and cropped to a square, and kept as uint8. The
+metadata lines are checked first (``model.metadata``), the files read through ``model.folder_io``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,25 +39,14 @@ from freezeasguard.engine.model.folder_io import (  # noqa: F401  (OUTSIDE and t
     _check_time,
     _decode,
     _Folder,
-    _metadata_lines,
-    _name_problem,
-    _plain,
     _Refused,
     _said,
-    _shown,
 )
+from freezeasguard.engine.model.metadata import Problem, Record, check_lines
 
 log = logging.getLogger("freezeasguard")
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-@dataclass(frozen=True)
-class Record:
-    file_name: str
-    caption: str
-    domain: str | None
-    line: int  # 1-based line in metadata.jsonl (0 for built-in data)
 
 
 @dataclass
@@ -163,7 +154,27 @@ def load_image_folder(root: str | os.PathLike, resolution: int, *, caption_colum
         time) or at a file listed twice.
     """
     root = Path(root)
-    meta = root / "metadata.jsonl"
+    folder = _open_folder(root, confine)
+    try:
+        todo, problems, meta_digest = check_lines(
+            folder, root, caption_column=caption_column, domains=domains, known_domains=known_domains,
+            max_images=max_images, max_image_bytes=max_image_bytes, max_metadata_bytes=max_metadata_bytes,
+            deadline=deadline)
+        square = functools.partial(_to_square, resolution=resolution, center_crop=center_crop,
+                                   rng=np.random.default_rng(seed))
+        records, images, files = _read_images(folder, root, todo, problems, square=square, max_pixels=max_pixels,
+                                              max_image_bytes=max_image_bytes, formats=formats, deadline=deadline,
+                                              progress=progress)
+    finally:
+        folder.close()
+    _report(problems, skip_bad)
+    _check_selection(root, records, domains, skipped=bool(problems))
+    return ImageDataset(torch.stack(images), records, str(root), skipped=problems,
+                        files={"metadata.jsonl": meta_digest, **files})
+
+
+def _open_folder(root: Path, confine: bool) -> _Folder:
+    """The dataset folder opened for reads confined to it; a missing or unreadable one is refused."""
     try:
         st = os.stat(root)
     except (OSError, ValueError):
@@ -171,105 +182,51 @@ def load_image_folder(root: str | os.PathLike, resolution: int, *, caption_colum
     if st is None or not stat.S_ISDIR(st.st_mode):
         raise DatasetError(f"dataset folder {str(root)!r} does not exist")
     try:
-        folder = _Folder(root, confine)
+        return _Folder(root, confine)
     except OSError as e:
         raise DatasetError(f"dataset folder {str(root)!r} cannot be read ({e.strerror})") from None
-    try:
-        rng = np.random.default_rng(seed)
-        problems: list[tuple[str, int, str]] = []
-        todo, seen, listed, digest = [], {}, 0, hashlib.sha256()
-        for lineno, raw in _metadata_lines(folder, root, meta, max_metadata_bytes, caption_column, digest):
-            where = f"{meta}:{lineno}"
-            _check_time(deadline, root, where)
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError:
-                line = None
-            if line is not None and not line.strip():
-                continue
-            listed += 1
-            if listed > max_images:
-                raise DatasetError(f"{meta}: lists more than {max_images} images (the cap)")
-            if line is None:
-                problems.append(("metadata.jsonl", lineno, f"{where}: not valid UTF-8"))
-                continue
-            try:
-                row = json.loads(line)
-            except (ValueError, RecursionError) as e:
-                problems.append(("metadata.jsonl", lineno, f"{where}: not valid JSON ({getattr(e, 'msg', e)})"))
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not row["file_name"]:
-                problems.append(("metadata.jsonl", lineno, f"{where}: missing 'file_name'"))
-                continue
-            fname = row["file_name"]
-            caption = row.get(caption_column)
-            domain = row.get("domain")
-            if not isinstance(caption, str) or not caption.strip():
-                problems.append((fname, lineno, f"{where}: {_plain(fname)}: missing or empty caption "
-                                                f"'{caption_column}'"))
-                continue
-            if domain is not None and not isinstance(domain, str):
-                problems.append((fname, lineno, f"{where}: {_plain(fname)}: 'domain' must be a string"))
-                continue
-            if known_domains is not None and domain not in known_domains:
-                problems.append((fname, lineno, f"{where}: {_plain(fname)}: unknown domain {domain!r}; "
-                                                f"known: {sorted(known_domains)}"))
-                continue
-            if domains is not None and domain not in domains:
-                continue
-            if bad := _name_problem(fname):
-                problems.append((fname, lineno, f"{where}: file_name {_shown(fname)} is not a usable path ({bad})"))
-                continue
-            try:
-                parts, fst = folder.resolve(fname)
-            except _Refused as r:
-                problems.append((fname, lineno, _said(r, where, fname)))
-                continue
-            if not stat.S_ISREG(fst.st_mode):
-                problems.append((fname, lineno, f"{where}: image file {_shown(fname)} is not a regular file"))
-                continue
-            # the same file under two names (./a, sub/../a, a symlink, a hard link) is one file
-            for key in (parts, *([(fst.st_dev, fst.st_ino)] if fst.st_ino else [])):
-                if key in seen:
-                    first, line_first = seen[key]
-                    raise DatasetError(f"{where}: duplicate file_name {_shown(fname)} (the same file as "
-                                       f"{_shown(first)} on line {line_first})")
-                seen[key] = (fname, lineno)
-            if fst.st_size > max_image_bytes:
-                problems.append((fname, lineno, f"{where}: image file {_shown(fname)} is {fst.st_size} bytes, "
-                                                f"over the cap of {max_image_bytes} bytes"))
-                continue
-            todo.append((Record(fname, caption.strip(), domain, lineno), parts, fst))
 
-        records: list[Record] = []
-        images: list[torch.Tensor] = []
-        files = {"metadata.jsonl": digest.hexdigest()}
-        it: Iterable = todo
-        if progress:
-            it = tqdm(it, total=len(todo), desc=f"loading {root.name}", unit="img")
-        for rec, parts, fst in it:
-            where = f"{meta}:{rec.line}"
-            _check_time(deadline, root, where)
-            try:
-                data = folder.read(parts, fst, max_image_bytes)
-            except _Refused as r:
-                problems.append((rec.file_name, rec.line, _said(r, where, rec.file_name)))
-                continue
-            out = _decode(data, where, rec.file_name, max_pixels, formats,
-                          lambda img: _to_square(img, resolution, center_crop, rng))
-            if isinstance(out, str):
-                problems.append((rec.file_name, rec.line, out))
-                continue
-            images.append(out)
-            records.append(rec)
-            files[rec.file_name] = hashlib.sha256(data).hexdigest()
-    finally:
-        folder.close()
+
+def _read_images(folder: _Folder, root: Path, todo: list, problems: list[Problem], *, square, max_pixels: int,
+                 max_image_bytes: int, formats: Sequence[str], deadline: float | None,
+                 progress: bool) -> tuple[list[Record], list[torch.Tensor], dict[str, str]]:
+    """Each checked image read once, hashed, refused over ``max_pixels`` from its header, then
+    decoded and squared; (records, images, file digests), the refusals appended to ``problems``."""
+    meta = root / "metadata.jsonl"
+    records: list[Record] = []
+    images: list[torch.Tensor] = []
+    files: dict[str, str] = {}
+    it: Iterable = tqdm(todo, total=len(todo), desc=f"loading {root.name}", unit="img") if progress else todo
+    for rec, parts, fst in it:
+        where = f"{meta}:{rec.line}"
+        _check_time(deadline, root, where)
+        try:
+            data = folder.read(parts, fst, max_image_bytes)
+        except _Refused as r:
+            problems.append((rec.file_name, rec.line, _said(r, where, rec.file_name)))
+            continue
+        out = _decode(data, where, rec.file_name, max_pixels, formats, square)
+        if isinstance(out, str):
+            problems.append((rec.file_name, rec.line, out))
+            continue
+        images.append(out)
+        records.append(rec)
+        files[rec.file_name] = hashlib.sha256(data).hexdigest()
+    return records, images, files
+
+
+def _report(problems: list[Problem], skip_bad: bool) -> None:
+    """The first problem as the load's error (the count of the others with it), or each logged
+    as skipped under ``skip_bad``."""
     if problems and not skip_bad:
         more = f" (and {len(problems) - 1} more problem(s); skip_bad=True skips them)" if len(problems) > 1 else ""
         raise DatasetError(problems[0][2] + more)
     for _, _, msg in problems:
         log.warning("skipped %s", msg)
+
+
+def _check_selection(root: Path, records: list[Record], domains: Sequence[str] | None, *, skipped: bool) -> None:
+    """Every domain asked for is present, and something is left to train on."""
     if domains is not None:
         present = {r.domain for r in records}
         unknown = [d for d in domains if d not in present]
@@ -277,8 +234,7 @@ def load_image_folder(root: str | os.PathLike, resolution: int, *, caption_colum
             raise DatasetError(f"{root}: unknown domain(s) {unknown}; present: "
                                f"{sorted(d for d in present if d is not None)}")
     if not records:
-        raise DatasetError(f"{root}: the dataset is empty" + (" after skipping bad lines" if problems else ""))
-    return ImageDataset(torch.stack(images), records, str(root), skipped=problems, files=files)
+        raise DatasetError(f"{root}: the dataset is empty" + (" after skipping bad lines" if skipped else ""))
 
 
 def folder_digests(root: str | os.PathLike, names: Iterable[str], *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,

@@ -22,26 +22,20 @@ from freezeasguard.engine.optim.project import DEFAULT_CHUNK_NUMEL, Bases, LockG
 from freezeasguard.kernels import _triton
 from freezeasguard.kernels.adamw import global_grad_norm
 
-BACKENDS = ("auto", "triton", "torch_fused", "torch")
+_EAGER = {"torch_fused": "torch's fused AdamW", "torch": "the kernel's torch form"}
 
 
-def resolve_flat_backend(backend: str, device: torch.device) -> tuple[str, str]:
-    """The AdamW implementation for a flat buffer on ``device``, and why.
+def resolve_flat_backend(backend: str, device: torch.device, kind: str = "fp32") -> tuple[str, str]:
+    """The AdamW implementation for a flat buffer with ``kind`` moments on ``device``, and why.
 
-    'auto': the Triton kernel on CUDA when Triton runs there, else torch's fused AdamW (on CPU the
+    ``_triton.resolve_backend`` decides, as for every kernel: 'auto' is the Triton kernel on CUDA
+    where Triton runs, else the kind's eager form (``states.backend_choices``; on CPU the
     interpreter is correct but far too slow to train with). An explicit choice is kept; 'triton'
-    where it cannot run is refused by the kernel with the reason.
+    where it cannot run is refused with the reason.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"flat AdamW backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend, "requested"
-    if device.type != "cuda":
-        return "torch_fused", f"{device.type}: torch's fused AdamW"
-    why = _triton.blocker(device)
-    if why is None:
-        return "triton", "CUDA: one Triton launch"
-    return "torch_fused", f"CUDA without Triton ({why}): torch's fused AdamW"
+    choices, eager = state_kinds.backend_choices(kind)
+    used, why = _triton.resolve_backend(backend, device, "flat AdamW", choices=choices, eager=eager)
+    return used, (f"{why}: {_EAGER[used]}" if used == eager and why != "requested" else why)
 
 
 class FlatAdamW(torch.optim.Optimizer):
@@ -108,7 +102,7 @@ class FlatAdamW(torch.optim.Optimizer):
         self.named = ordered
         layout = [(n, o, k, tuple(p.shape)) for (n, o, k), (_, p) in zip(self.segments, ordered) if n in locks]
         self.locks = LockGroups(layout, locks, device, lock_chunk_numel) if locks else None
-        self.backend, self.backend_reason = resolve_flat_backend(backend, device)
+        self.backend, self.backend_reason = resolve_flat_backend(backend, device, self.state_kind)
         self._scale: torch.Tensor | None = None  # clip coefficient for the next step (device scalar)
         self._norm: torch.Tensor | None = None  # gradient norm clip_grad_norm_ measured for it
         super().__init__([flat], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))

@@ -27,6 +27,7 @@ import typing
 from typing import Any
 
 from freezeasguard.engine.config import TrainConfig
+from freezeasguard.kernels.choices import STATE_KINDS
 
 # Engine limits: not the publisher's choice, only what keeps a job sane and its record readable.
 MAX_SEED = 2**32 - 1
@@ -36,7 +37,7 @@ EPS_RANGE = (1e-12, 1.0)
 MAX_GRAD_NORM = 1e6
 BETA_MAX = 0.99999
 CHOICES = {"lr_schedule": ("constant", "cosine"), "mixed_precision": ("fp32", "bf16"),
-           "optimizer": ("adamw", "adamw8bit"), "optimizer_states": ("fp32", "bf16", "8bit")}
+           "optimizer": ("adamw", "adamw8bit"), "optimizer_states": STATE_KINDS}
 
 
 def _kind(tp: Any) -> str | None:

@@ -39,6 +39,7 @@ from freezeasguard.engine.io import atomic_write_text
 from freezeasguard.engine.service.caps import value_problems
 from freezeasguard.engine.service.signing import ALGORITHMS, ED25519, Ed25519Key, Key, load_key, signature_problem
 from freezeasguard.engine.service.spec import METHODS, JobSpec
+from freezeasguard.kernels.choices import STATE_KINDS
 
 # Train settings the service owns: where and how it runs, not how the model learns.
 SERVICE_TRAIN_KEYS = frozenset({"device", "num_threads", "progress", "log_every", "checkpoint_every",
@@ -93,7 +94,7 @@ class Policy:
     optimizers: list[str] = field(default_factory=lambda: ["adamw"])
     """Allowed train.optimizer values."""
     optimizer_states: list[str] = field(default_factory=lambda: ["fp32"])
-    """Allowed train.optimizer_states values (the engine AdamW's moments: fp32, bf16, 8bit)."""
+    """Allowed train.optimizer_states values (the engine AdamW's moments, ``STATE_KINDS``)."""
     max_weight_decay: float = 0.1
     """Largest decoupled weight decay (train.extra.weight_decay)."""
     signature: SignaturePolicy = field(default_factory=SignaturePolicy)
@@ -148,8 +149,8 @@ class Policy:
              f"methods must be a non-empty subset of {list(METHODS)}"),
             (bool(self.optimizers) and set(self.optimizers) <= {"adamw", "adamw8bit"},
              "optimizers must be a non-empty subset of ['adamw', 'adamw8bit']"),
-            (bool(self.optimizer_states) and set(self.optimizer_states) <= {"fp32", "bf16", "8bit"},
-             "optimizer_states must be a non-empty subset of ['fp32', 'bf16', '8bit']"),
+            (bool(self.optimizer_states) and set(self.optimizer_states) <= set(STATE_KINDS),
+             f"optimizer_states must be a non-empty subset of {list(STATE_KINDS)}"),
             (self.signature.algorithm in ALGORITHMS, f"signature.algorithm must be one of {list(ALGORITHMS)}"),
             (bool(self.signature.key_file), "signature.key_file must name the publisher's verification key"),
             (self.max_images >= 1, "max_images must be >= 1"),

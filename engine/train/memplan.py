@@ -38,7 +38,7 @@ from torch import nn
 from freezeasguard.engine.errors import ModelError
 from freezeasguard.engine.guard.tensor import fp32_param_names
 from freezeasguard.engine.model.families import family_of
-from freezeasguard.engine.optim.states import BLOCK, alignment, check_kind
+from freezeasguard.engine.optim.states import alignment, check_kind, state_bytes
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def _static(train: list[int], frozen: list[tuple[int, int]], mode: str, states: 
     align = alignment(states)
     slots = sum(-(-k // align) * align for k in train)  # flat-buffer elements, padding included
     grads = 0 if in_backward else 4 * slots
-    moments = {"fp32": 8 * slots, "bf16": 4 * slots, "8bit": 2 * slots + 8 * (-(-slots // BLOCK))}[states]
+    moments = state_bytes(states, slots)
     moments += 4 if in_backward else 0  # the previous step's norm (0-d fp32), which the next one clips by
     peak = 4 * max(train, default=0) if in_backward else 0
     return frozen_w, 4 * n_train, grads, peak, moments
@@ -181,7 +181,7 @@ def memory_plan(model: nn.Module, frozen: Iterable[str], *, mode: str = "engine"
         model: any device, ``meta`` included (only shapes are read).
         frozen: names of frozen parameters.
         mode: 'full' (``frozen`` ignored), 'naive' or 'engine'.
-        states: engine moments, 'fp32', 'bf16' or '8bit'.
+        states: engine moments, one of ``kernels.choices.STATE_KINDS``.
         in_backward: engine updates inside backward (no gradient buffer).
         frozen_bf16: engine frozen storage in bf16 (bf16 autocast), norm weights excepted.
     """
