@@ -77,7 +77,8 @@ def test_one_resolver_reads_every_backend_name():
     assert _triton.resolve_backend("auto", cpu, "x") == ("torch", "cpu")  # never the interpreter unasked
     assert _triton.resolve_backend("auto", cpu, "x", choices=ADAMW_BACKENDS, eager="torch_fused")[0] == "torch_fused"
     for name in BACKENDS[1:]:
-        assert _triton.resolve_backend(name, cpu, "x")[0] == name or not _triton.status().available
+        if name != "triton" or _triton.blocker(cpu) is None:  # the interpreter, where tests have it
+            assert _triton.resolve_backend(name, cpu, "x") == (name, "requested")
     with pytest.raises(ValueError, match=re.escape(f"x backend must be one of {BACKENDS}")):
         _triton.resolve_backend("torch_fused", cpu, "x")
 
