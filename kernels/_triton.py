@@ -3,7 +3,8 @@
 Triton runs on CUDA, or on the CPU through its interpreter (``TRITON_INTERPRET=1``, set before any
 ``@triton.jit`` function is defined). A kernel module defines its ``@triton.jit`` functions only
 when ``HAS_TRITON`` (the package imports), and launches them only where ``blocker`` says nothing
-stands in the way; everywhere else its pure-torch reference runs.
+stands in the way; everywhere else its pure-torch reference runs. Every launcher reads its
+``backend`` argument through ``resolve_backend``, so 'auto' means the same for every kernel.
 """
 from __future__ import annotations
 
