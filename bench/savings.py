@@ -38,17 +38,21 @@ COMPILE = ("+compile", ("train.compile=blocks",))
 COLUMNS = [("scenario", "scenario"), ("frozen_params", "frozen params"), ("weights_mib", "weights MiB"),
            ("grads_mib", "grads MiB"), ("optimizer_mib", "optim MiB"), ("static_mib", "static MiB"),
            ("static_vs_full", "static/full"), ("activations_mib", "saved act MiB"), ("act_vs_full", "act/full"),
-           ("peak_mib", "peak MiB"), ("peak_vs_full", "peak/full"), ("cuda_peak_mib", "CUDA peak MiB"),
-           ("cuda_peak_vs_full", "CUDA peak/full"), ("step_ms_p50", "step ms (p50)"),
+           ("peak_mib", "ledger peak MiB"), ("peak_vs_full", "ledger peak/full"),
+           ("measured_peak_mib", "measured peak MiB"), ("measured_peak_vs_full", "measured peak/full"),
+           ("measured_peak_vs_naive", "measured peak/naive"), ("step_ms_p50", "step ms (p50)"),
            ("time_vs_full", "time/full"), ("time_vs_naive", "time/naive")]
 
 LEGEND = (
-    "Columns: the exact ledger (`engine/train/ledger.py`) at the step's peak point. *grads* = the persistent "
-    "gradient buffer, or with updates in backward the largest gradient alive at once; *static* = weights + grads "
-    "+ optimizer state; *saved act* = bytes autograd keeps for backward; *peak* = static + saved act (what the "
-    "step holds at the end of its forward); *CUDA peak* (GPU runs only) = static + the most a timed step "
-    "allocated above what was allocated before it (`max_memory_allocated`, the other scenarios' constant memory "
-    "excluded). *step ms* = median over the timed steps, every scenario interleaved "
+    "Columns: the exact ledger (`engine/train/ledger.py`) after backward and the update. *grads* = the "
+    "step's gradients (full and naive: set_to_none, the engine: its step-scoped flat buffer), or with updates in "
+    "backward the largest gradient alive at once; *static* = weights + grads + optimizer state; *saved act* = "
+    "bytes autograd keeps for backward; *ledger peak* = the ledger's model of the step's peak (what outlives a "
+    "step, the flat buffer's padding and 8-bit code tables included, plus the larger of saved activations and the "
+    "gradients the step allocates); *measured peak* = the allocator's (`engine/train/peak.py`, second step): "
+    "the storages the denoiser, optimizer and guard hold when the step starts + the most the step allocated above "
+    "its start (CPU: torch.profiler memory events; CUDA: `max_memory_allocated` after `reset_peak_memory_stats`). "
+    "*step ms* = median over the timed steps, every scenario interleaved "
     "step by step (read the ratios). `+inbackward`: each tensor stepped as soon as its gradient is complete "
     "(no gradient buffer; clipping by the previous step's norm); `+bf16states` / `+8bit`: AdamW moments in bf16 "
     "(stochastic rounding) / 8-bit blockwise; `+compile`: regional `torch.compile` of the UNet blocks; `@down`: "

@@ -19,6 +19,7 @@ from freezeasguard.engine.guard.subspace import random_lock
 from freezeasguard.engine.model.components import build_components
 from freezeasguard.engine.model.data import digits_dataset
 from freezeasguard.engine.model.tokenizer import caption_words
+from freezeasguard.engine.train.peak import measure_step_peak
 from freezeasguard.engine.train.trainer import Trainer
 
 MiB = 2**20
@@ -88,23 +89,25 @@ def run_suite(scenarios: list[Scenario], args) -> list[dict[str, Any]]:
         times: dict[str, list[float]] = {sc.name: [] for sc in scenarios}
         losses: dict[str, list[float]] = {sc.name: [] for sc in scenarios}
         ledgers = {}
-        step_peak: dict[str, int] = {}  # CUDA: bytes a step allocated above what was allocated before it
+        peaks = {}  # the allocator's measured peak of one step per scenario (train.peak)
         total = args.warmup + args.steps
+        # measured on the second step (the first allocates torch AdamW's state), untimed when warm-up allows
+        peak_step = min(1, total - 1)
         bar = tqdm(total=total * len(scenarios), desc="interleaved steps", unit="step")
         for k in range(total):
             for sc in scenarios:
                 tr = trainers[sc.name]
                 tr.measure_memory = k == 0
-                before = _cuda_step_start()
                 t0 = time.perf_counter()
-                s = tr.train_step()
+                if k == peak_step and k != 0:  # the ledger's step counts activations: not this one
+                    s, peaks[sc.name] = measure_step_peak(tr.train_step, step_roots(tr), tr.device)
+                else:
+                    s = tr.train_step()
                 dt = time.perf_counter() - t0
-                if before is not None and k > 0:  # the measuring step allocates extra: skip it
-                    step_peak[sc.name] = max(step_peak.get(sc.name, 0), torch.cuda.max_memory_allocated() - before)
                 if k == 0:
                     ledgers[sc.name] = tr.last_ledger
                     tr.measure_memory = False
-                if k >= args.warmup:
+                if k >= args.warmup and not (k == peak_step and args.steps > 1):
                     times[sc.name].append(dt)
                 losses[sc.name].append(s.loss)
                 bar.update(1)
@@ -131,7 +134,13 @@ def run_suite(scenarios: list[Scenario], args) -> list[dict[str, Any]]:
                 "locked_dof": tr.guard.lock.dof if tr.guard is not None and tr.guard.lock is not None else 0,
                 "lock_transient_mib": getattr(tr.optimizer, "lock_transient_bytes", 0) / MiB,
                 "activations_mib": (led.activation_bytes or 0) / MiB,
-                "peak_mib": led.total_bytes / MiB,  # static + saved activations: the step's peak
+                "peak_mib": led.peak_bytes / MiB,  # the ledger's model of the step's peak
+                "held_mib": led.held_bytes / MiB,  # the ledger's model of what outlives a step
+                "measured_peak_mib": peaks[sc.name].peak_bytes / MiB if sc.name in peaks else None,
+                "measured_held_mib": peaks[sc.name].held_at_start / MiB if sc.name in peaks else None,
+                "measured_above_mib": peaks[sc.name].above_start / MiB if sc.name in peaks else None,
+                "peak_method": peaks[sc.name].method if sc.name in peaks else None,
+                "padding_mib": (led.weight_padding_bytes + led.code_table_bytes) / MiB,
                 "options": list(sc.options), "prefix": list(tr.guard.prefix) if tr.guard is not None else [],
                 "step_ms_p20": p["p20"] * 1e3, "step_ms_p50": p["p50"] * 1e3, "step_ms_p80": p["p80"] * 1e3,
                 "samples_per_s": args.batch / p["p50"],
@@ -139,24 +148,16 @@ def run_suite(scenarios: list[Scenario], args) -> list[dict[str, Any]]:
                 "verify": report.summary() if report is not None else "n/a (nothing frozen)",
                 "verify_ok": report.ok if report is not None else None,
                 "losses": losses[sc.name],  # every step's loss (same seed and data in every mode)
-                "cuda_max_allocated_mib": (led.cuda_max_allocated or 0) / MiB or None,
-                # this scenario's own CUDA peak: what it holds (static, exact; an in-backward gradient is
-                # allocated in the step) + the most its step allocated on top
-                "cuda_peak_mib": ((led.static_bytes - led.grad_transient_bytes + step_peak[sc.name]) / MiB
-                                  if sc.name in step_peak else None),
                 "nvml": nvml.get(sc.name),
             })
     _add_ratios(rows)
     return rows
 
 
-def _cuda_step_start() -> int | None:
-    """On CUDA: reset the peak counter and return the bytes allocated now (None elsewhere)."""
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
+def step_roots(tr: Trainer) -> list:
+    """What a scenario's step starts from: its denoiser, optimizer and guard (the frozen encoders
+    and the cached data are the same in every scenario and outside the ledger)."""
+    return [tr.c.unet, tr.optimizer, tr.guard]
 
 
 def _energy_pass(scenarios: list[Scenario], trainers: dict, args) -> dict[str, Any]:
@@ -184,7 +185,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         naive = next((x for x in rows if x["mode"] == "naive" and x["scenario"].split("@")[1:] ==
                       r["scenario"].split("@")[1:]), None)
         for key, short in (("static_mib", "static"), ("activations_mib", "act"), ("peak_mib", "peak"),
-                           ("cuda_peak_mib", "cuda_peak"), ("step_ms_p50", "time")):
+                           ("measured_peak_mib", "measured_peak"), ("step_ms_p50", "time")):
             if full and full.get(key) and r.get(key) is not None:
                 r[f"{short}_vs_full"] = r[key] / full[key]
             if naive and naive.get(key) and r.get(key) is not None:

@@ -44,15 +44,16 @@ def test_a_clipped_step_reads_the_gradient_buffer_and_never_writes_it(backend):
         g = torch.Generator().manual_seed(100 + step)
         for (_, p), (_, q) in zip(named, ref_named):
             grad = torch.randn(p.shape, generator=g) * 10
-            p.grad.copy_(grad)
+            p.grad = grad.clone()  # set by hand: copied into the step's gradient buffer
             q.grad = grad.clone()
-        before = opt.flat.grad.clone()
+        before = [p.grad.clone() for _, p in named]
         norm = opt.clip_grad_norm_(1.0)
         torch.nn.utils.clip_grad_norm_([q for _, q in ref_named], 1.0)
         assert float(norm) > 1.0  # the clip is active
         opt.step()
         ref.step()
-        assert torch.equal(opt.flat.grad, before)  # the step left the gradients as they were
+        assert all(torch.equal(p.grad, b) for (_, p), b in zip(named, before))  # the step left them as they were
+        opt.zero_grad()
         for (n, p), (_, q) in zip(named, ref_named):
             # torch's clip multiplies by max/(norm + 1e-6) in fp32 like ours: a few fp32 ulp apart
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7, msg=n)
@@ -63,7 +64,7 @@ def test_a_non_finite_gradient_norm_is_refused_and_nothing_changes(bad):
     named = _named()
     opt = FlatAdamW(named, lr=1e-2)
     for _, p in named:
-        p.grad.fill_(0.5)
+        p.grad = torch.full_like(p, 0.5)
     opt.step()
     state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[opt.flat].items()}
     params = opt.flat.detach().clone()
@@ -109,3 +110,46 @@ def test_on_cuda_the_triton_step_matches_torch_fused():
             opt.step()
     # both are fp32 AdamW; the kernel uses correctly rounded div/sqrt, torch's may not: a few ulp
     torch.testing.assert_close(opts["auto"].flat, opts["torch_fused"].flat, rtol=1e-6, atol=1e-7)
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.GELU(), torch.nn.Linear(40, 30), torch.nn.GELU(),
+                               torch.nn.Linear(30, 5))
+
+
+@pytest.mark.parametrize("states", ["fp32", "8bit"])
+def test_the_step_scoped_gradient_buffer_steps_as_the_persistent_one_bit_for_bit(states):
+    """Chunks allocated at their first gradient (here 4, through two accumulated backwards per step)
+    against the one buffer kept for the optimizer's life: the same AdamW over the same gradients."""
+    nets = {k: _net() for k in ("step", "persistent")}
+    opts = {k: FlatAdamW(list(m.named_parameters()), lr=1e-2, grad_buffer=k, grad_chunks=4, states=states,
+                         backend="torch" if states == "8bit" else "auto") for k, m in nets.items()}
+    assert len(opts["step"].grads.ranges) > 1 and len(opts["persistent"].grads.ranges) == 1
+    for s in range(4):
+        for k, m in nets.items():
+            for micro in range(2):  # gradient accumulation: in place into the chunks
+                g = torch.Generator().manual_seed(10 * s + micro)
+                m(torch.randn(8, 6, generator=g)).square().mean().backward()
+            assert opts[k].grads.allocated_bytes == 4 * opts[k].flat.numel()
+            opts[k].clip_grad_norm_(None)
+            opts[k].step()
+            opts[k].zero_grad()
+        assert all(p.grad is None for p in nets["step"].parameters())  # released after the update
+        assert opts["step"].grads.allocated_bytes == 0 and opts["step"].flat.grad is None
+        assert torch.equal(opts["step"].flat, opts["persistent"].flat), s
+    assert opts["persistent"].grads_between_steps and not opts["step"].grads_between_steps
+
+
+def test_a_clipped_step_scoped_step_matches_the_persistent_buffer_to_fp32_rounding():
+    nets = {k: _net(1) for k in ("step", "persistent")}
+    opts = {k: FlatAdamW(list(m.named_parameters()), lr=1e-2, grad_buffer=k, grad_chunks=3) for k, m in nets.items()}
+    norms = {}
+    for k, m in nets.items():
+        m(torch.randn(8, 6, generator=torch.Generator().manual_seed(0))).square().mean().mul(1e3).backward()
+        norms[k] = opts[k].clip_grad_norm_(0.1)
+        opts[k].step()
+    assert float(norms["persistent"]) > 0.1  # the clip acts
+    # the norm sums per-chunk norms: an fp32 sum in another order, ~1 ulp; the update follows it
+    torch.testing.assert_close(norms["step"], norms["persistent"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(opts["step"].flat, opts["persistent"].flat, rtol=1e-6, atol=1e-7)

@@ -4,7 +4,8 @@ What it locks: the tensors a name-keyed ``FreezeMask`` marks frozen (from the jo
 manifest, or a seeded random mask for benchmarks). How it is enforced (``enforce``): frozen
 tensors leave autograd (``requires_grad=False``), so no gradient and no optimizer state exists for
 them; under bf16 autocast they are held in bf16 (autocast casts them at every use anyway; norm
-parameters, which autocast runs in fp32, stay fp32) with the original fp32 bytes kept on the host;
+parameters, which autocast runs in fp32, stay fp32) with the original fp32 bytes on disk, read
+only at export and verify (``guard.originals``: no copy of them is held in memory);
 frozen convolutions run through an autograd function that does not save their input. How it is
 proven (``verify``): every frozen tensor, as exported and as held live, against the manifest's
 SHA-256.
@@ -29,6 +30,7 @@ from freezeasguard.engine.errors import ConfigError
 from freezeasguard.engine.guard.frozen_ops import install_frozen_convs
 from freezeasguard.engine.guard.manifest import Manifest
 from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.guard.originals import FrozenOriginals
 from freezeasguard.engine.guard.subspace import LockAnchors, LockResidual, SubspaceLock
 from freezeasguard.engine.guard.verify import VerifyReport, verify_frozen
 
@@ -41,7 +43,9 @@ class TensorGuard:
     mask: FreezeMask | None
     manifest: Manifest | None
     frozen_dtype: torch.dtype | None = None
-    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # host fp32 copies
+    # base values of the tensors held in ``frozen_dtype`` (those it rounds), on disk, read when needed
+    originals: FrozenOriginals = field(default_factory=FrozenOriginals)
+    low_precision: dict[str, torch.dtype] = field(default_factory=dict)  # held in frozen_dtype: base dtype
     frozen_convs: int = 0
     prefix: tuple[str, ...] = ()  # stages of the forward run without autograd (guard.prefix)
     lock: SubspaceLock | None = None
@@ -61,8 +65,12 @@ class TensorGuard:
 
     def export_state(self, unet: nn.Module) -> dict[str, torch.Tensor]:
         """UNet tensors for the final model: frozen ones in their original dtype and bytes. A UNet
-        sharded by FSDP2 is gathered (a collective: every process calls it)."""
-        return {k: self.originals[k] if k in self.originals else _full(v.detach())
+        sharded by FSDP2 is gathered (a collective: every process calls it). A frozen tensor held in
+        a lower precision is its base value: read from ``originals`` where the cast rounded it,
+        else its live copy cast back (exact there)."""
+        base = dict(self.originals.items())
+        low = self.low_precision
+        return {k: base[k] if k in base else _full(v.detach()).to(low[k]) if k in low else _full(v.detach())
                 for k, v in unet.state_dict().items()}
 
     def verify(self, unet: nn.Module, steps: int = 0) -> VerifyReport | None:
@@ -82,7 +90,7 @@ class TensorGuard:
                 report.add_lock_residuals(self.anchors.residuals(self.lock, state, steps))
         if self.originals:  # the live low-precision copies must still be the rounded originals
             live = dict(unet.named_parameters())
-            for n, orig in self.originals.items():
+            for n, orig in self.originals.items():  # one base value in memory at a time
                 if not torch.equal(_full(live[n].detach()).cpu(), orig.to(live[n].dtype)):
                     report.hash_mismatch.append(n)
                     report.details[n] = f"{n!r}: live {live[n].dtype} copy changed during training"
@@ -162,10 +170,13 @@ def enforce(guard: TensorGuard, unet: nn.Module, *, frozen_dtype: torch.dtype | 
         # Norm layers run in fp32 under autocast (and CPU kernels refuse bf16 norm weights with fp32
         # inputs): their few parameters stay fp32. Every other frozen tensor feeds a bf16 op.
         fp32_ops = fp32_param_names(unet)
+        low = sorted(frozen - fp32_ops)
+        # the base values the cast rounds go to disk first (nothing of them stays in memory)
+        guard.originals = FrozenOriginals.spill({n: params[n] for n in low}, frozen_dtype)
+        guard.low_precision = {n: params[n].dtype for n in low}
         with torch.no_grad():
-            for n in sorted(frozen - fp32_ops):
+            for n in low:
                 p = params[n]
-                guard.originals[n] = p.detach().to("cpu", copy=True)
                 p.data = p.data.to(frozen_dtype)
     if frozen_conv:
         guard.frozen_convs = install_frozen_convs(unet, frozen)

@@ -1,8 +1,11 @@
 """AdamW over one flat fp32 buffer that the trainable parameters are views of.
 
-Trainable tensors are views of ONE contiguous fp32 buffer and their gradients views of ONE gradient
-buffer, so zeroing is one fill, the global norm one reduction and AdamW one call: the one-launch
-Triton kernel on CUDA, torch's public fused AdamW on CPU, and on CUDA too where Triton cannot run.
+Trainable tensors are views of ONE contiguous fp32 buffer and their gradients views of a flat
+gradient buffer that exists only within a step (``optim.gradbuf``: a few chunks, each allocated at
+its first gradient and released after the update, so the gradients never sit beside the whole
+forward's activations), so the global norm is a few reductions and AdamW a few calls (one per
+chunk; elementwise, so bit for bit one call): the Triton kernel on CUDA, torch's public fused
+AdamW on CPU, and on CUDA too where Triton cannot run.
 The moments are fp32, bf16 or 8-bit blockwise (``optim.states``); ``optim.inbackward`` keeps the
 buffer but no gradient buffer, stepping each tensor inside backward.
 Frozen tensors are not in the buffer at all. A step reads the gradient buffer and never writes it.
@@ -18,9 +21,10 @@ from torch import nn
 
 from freezeasguard.engine.errors import TrainingError
 from freezeasguard.engine.optim import states as state_kinds
+from freezeasguard.engine.optim.gradbuf import DEFAULT_CHUNKS, StepGradients
 from freezeasguard.engine.optim.project import DEFAULT_CHUNK_NUMEL, Bases, LockGroups, group_key
 from freezeasguard.kernels import _triton
-from freezeasguard.kernels.adamw import global_grad_norm
+from freezeasguard.kernels.adamw_8bit import code_tables
 
 _EAGER = {"torch_fused": "torch's fused AdamW", "torch": "the kernel's torch form"}
 
@@ -50,14 +54,19 @@ class FlatAdamW(torch.optim.Optimizer):
     their locked subspaces inside the step; they come first in the buffer, grouped by shape.
 
     ``states``: how the moments are stored (``optim.states``: 'fp32', 'bf16' with stochastic
-    rounding seeded by ``seed``, or '8bit' blockwise). ``grad_buffer=False`` allocates no gradient
+    rounding seeded by ``seed``, or '8bit' blockwise).
+
+    ``grad_buffer``: 'step' (the default for this class: chunks allocated within a step and released
+    by ``zero_grad``, ``optim.gradbuf``), 'persistent' (one buffer for the optimizer's life; the
+    default of subclasses, as FSDP2's binds its sharded gradients to it once), or False: no gradient
     buffer (``optim.inbackward`` steps each tensor from its own transient gradient).
     """
 
     def __init__(self, named: list[tuple[str, nn.Parameter]], *, lr: float, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, backend: str = "auto",
                  locks: Bases | None = None, lock_chunk_numel: int = DEFAULT_CHUNK_NUMEL,
-                 states: str = "fp32", seed: int = 0, grad_buffer: bool = True):
+                 states: str = "fp32", seed: int = 0, grad_buffer: str | bool | None = None,
+                 grad_chunks: int = DEFAULT_CHUNKS):
         self.state_kind = state_kinds.check_kind(states)
         self.seed = int(seed)
         self.align = align = state_kinds.alignment(states)
@@ -83,7 +92,10 @@ class FlatAdamW(torch.optim.Optimizer):
         total = sum(padded(p.numel()) for _, p in ordered)
         # zeros: padding between segments (8-bit blocks) stays zero weight, gradient and moment
         flat = torch.zeros(total, dtype=torch.float32, device=device)
-        grad = torch.zeros(total, dtype=torch.float32, device=device) if grad_buffer else None
+        if grad_buffer is None or grad_buffer is True:
+            grad_buffer = "step" if type(self) is FlatAdamW else "persistent"
+        if grad_buffer not in ("step", "persistent", False):
+            raise ValueError(f"grad_buffer must be 'step', 'persistent' or False, got {grad_buffer!r}")
         self.segments: list[tuple[str, int, int]] = []
         off = 0
         self.decay_end = 0
@@ -92,23 +104,33 @@ class FlatAdamW(torch.optim.Optimizer):
                 n = p.numel()
                 flat[off:off + n].copy_(p.detach().reshape(-1))
                 p.data = flat[off:off + n].view_as(p)
-                # autograd accumulates into an existing .grad in place, so these views stay live
-                p.grad = grad[off:off + n].view_as(p) if grad is not None else None
+                p.grad = None
                 self.segments.append((name, off, n))
                 off += padded(n)
                 if p.dim() >= 2:
                     self.decay_end = off
-        flat.grad = grad
         self.named = ordered
         layout = [(n, o, k, tuple(p.shape)) for (n, o, k), (_, p) in zip(self.segments, ordered) if n in locks]
         self.locks = LockGroups(layout, locks, device, lock_chunk_numel) if locks else None
-        self.backend, self.backend_reason = resolve_flat_backend(backend, device, self.state_kind)
+        self._step_start = 0 if self.locks is None else -(-self.locks.end // align) * align
+        self.grads = None if grad_buffer is False else StepGradients(
+            ordered, self.segments, total, device, persistent=grad_buffer == "persistent", chunks=grad_chunks,
+            fixed_end=self._step_start)
+        flat.grad = self.grads.whole if self.grads is not None else None
+        self.backend, self.backend_reason = resolve_flat_backend(backend, device)
         self._scale: torch.Tensor | None = None  # clip coefficient for the next step (device scalar)
         self._norm: torch.Tensor | None = None  # gradient norm clip_grad_norm_ measured for it
         super().__init__([flat], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         st = self.state[flat]
         st["step"] = 0
         st.update(state_kinds.new_states(self.state_kind, total, device))
+        # the tables the 8-bit kernels decode with, held here so that what the optimizer needs is
+        # reachable from it (and counted: ``code_table_bytes``)
+        self.code_tables = code_tables(device) if self.state_kind == "8bit" else None
+
+    @property
+    def code_table_bytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self.code_tables) if self.code_tables else 0
 
     @property
     def lock_bytes(self) -> int:
@@ -139,13 +161,20 @@ class FlatAdamW(torch.optim.Optimizer):
                 f"one {self.flat.numel():,}-element fp32 buffer, {self.state_kind} moments, AdamW backend "
                 f"{self.backend} ({self.backend_reason})" + lock)
 
-    def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002 - views must survive
-        self.flat.grad.zero_()
+    @property
+    def grads_between_steps(self) -> bool:
+        """Whether gradients outlive a step (what the memory ledger's peak model asks)."""
+        return self.grads is not None and self.grads.persistent
+
+    def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002 - the buffer decides
+        """Release the step's gradient chunks (persistent buffer: zero it; its views must survive)."""
+        self.grads.release()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float | None) -> torch.Tensor:
         """Global L2 norm of the gradients; with ``max_norm``, clip inside the next step."""
-        norm = global_grad_norm(self.flat.grad)
+        self.grads.bind()
+        norm = self.grads.norm()
         self._norm = norm
         self._scale = None if max_norm is None else torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         return norm
@@ -157,18 +186,19 @@ class FlatAdamW(torch.optim.Optimizer):
         by its momentum and decay); on CUDA that check is the caller's, as it costs a host sync
         (the trainer makes it)."""
         norm, self._norm = self._norm, None
+        self.grads.bind()
         if self.flat.device.type == "cpu":
-            norm = global_grad_norm(self.flat.grad) if norm is None else norm
+            norm = self.grads.norm() if norm is None else norm
             if not math.isfinite(float(norm)):
                 self._scale = None
                 raise TrainingError(f"the gradient norm is {float(norm)}: the AdamW step was refused; no parameter, "
                                     "moment or step count changed")
         st = self.state[self.flat]
         st["step"] += 1
-        flat, grad = self.flat, self.flat.grad
+        flat, grads = self.flat, self.grads
 
         def run(lo: int, hi: int) -> None:
-            self.step_range_(lo, hi, grad[lo:hi], self._scale)
+            self.step_range_(lo, hi, grads.range(lo, hi), self._scale)
 
         start = 0
         if self.locks is not None:  # locked chunks: copy, step, project the update; then the rest
@@ -177,9 +207,10 @@ class FlatAdamW(torch.optim.Optimizer):
                 old = flat[lo:hi].clone()
                 run(lo, hi)
                 LockGroups.project_chunk_(chunk, flat, old)
-            start = -(-self.locks.end // self.align) * self.align  # the next segment (8-bit: a block start)
-        if start < flat.numel():
-            run(start, flat.numel())
+            start = self._step_start  # the next segment (8-bit: a block start)
+        for lo, hi in grads.ranges:  # the rest, one call per gradient chunk (elementwise: as one call)
+            if hi > start:
+                run(max(lo, start), hi)
         self._scale = None
 
     def step_range_(self, lo: int, hi: int, grad: torch.Tensor, scale: torch.Tensor | None) -> None:

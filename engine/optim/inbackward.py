@@ -103,7 +103,7 @@ class InBackwardAdamW(FlatAdamW):
                 self._update(i, torch.zeros(n, dtype=torch.float32, device=self.flat.device))
         norm = self._sq.sqrt()
         self.state[self.flat]["prev_norm"] = norm.clone()
-        self._scale = None
+        self._scale = self._sq = None  # nothing of the step outlives it but its state
         self._opt_called = True  # what torch's LR schedulers check to know a step happened
         return norm
 

@@ -6,6 +6,14 @@ tensors and 8-bit optimizer states are all counted as what they really hold. Act
 is measured with ``count_saved_activations``: every tensor autograd saves for backward passes
 through a ``saved_tensors_hooks`` pack hook, which works on any device and is deterministic.
 On CUDA the allocator's peaks are added for comparison.
+
+``Ledger.peak_bytes`` is the ledger's model of a step's peak; the peak itself is measured
+(``train.peak``) and tests hold the two within a stated tolerance. The model: what outlives a step
+(weights with the flat buffer's padding, optimizer state and its code tables, lock bases, and
+gradients only where they persist between steps) plus the larger of the two things that take turns
+during the step: the saved activations (with the one in-backward gradient alive at a time), which
+backward frees as it produces the gradients, and gradients allocated within the step (which
+``zero_grad(set_to_none=True)`` or a step-scoped flat buffer release after the update).
 """
 from __future__ import annotations
 
@@ -140,6 +148,11 @@ class Ledger:
     # the largest gradient held at once when updates run in backward (optim.inbackward): no
     # gradient outlives its update, so the step holds this instead of ``grad_bytes``
     grad_transient_bytes: int = 0
+    # gradients kept from one step to the next (a persistent buffer); False where the step allocates
+    # them and the update releases them (set_to_none, the step-scoped flat buffer)
+    grads_between_steps: bool = True
+    weight_padding_bytes: int = 0  # trainable storages' bytes beyond their tensors (8-bit block padding)
+    code_table_bytes: int = 0  # tables the optimizer's kernels read (8-bit codes and midpoints)
     cuda_max_allocated: int | None = None
     cuda_max_reserved: int | None = None
     device: str = "cpu"
@@ -167,12 +180,26 @@ class Ledger:
         """Static bytes plus saved activations (when measured)."""
         return self.static_bytes + (self.activation_bytes or 0)
 
+    @property
+    def held_bytes(self) -> int:
+        """The model of what a step starts from: everything that outlives it."""
+        persistent = self.grad_bytes if self.grads_between_steps else 0
+        return (self.weight_bytes + self.weight_padding_bytes + self.optimizer_state_bytes + self.code_table_bytes
+                + self.lock_bytes + persistent)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The model of the step's peak (module docstring): held bytes plus the larger of saved
+        activations (+ the in-backward gradient) and gradients allocated within the step."""
+        in_step = 0 if self.grads_between_steps else self.grad_bytes
+        return self.held_bytes + max((self.activation_bytes or 0) + self.grad_transient_bytes, in_step)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(frozen_weight_bytes=self.frozen_weight_bytes,
                  trainable_weight_bytes=self.trainable_weight_bytes,
                  weight_bytes=self.weight_bytes, static_bytes=self.static_bytes,
-                 total_bytes=self.total_bytes)
+                 total_bytes=self.total_bytes, held_bytes=self.held_bytes, peak_bytes=self.peak_bytes)
         return d
 
     def table(self) -> str:
@@ -189,9 +216,13 @@ class Ledger:
         for k, b in sorted(self.optimizer_state_by_key.items()):
             rows.append((f"  state {k}", b))
         rows.append(("static total", self.static_bytes))
+        if self.weight_padding_bytes or self.code_table_bytes:
+            rows.append(("flat buffer padding", self.weight_padding_bytes))
+            rows.append(("code tables", self.code_table_bytes))
         rows.append(("saved activations", self.activation_bytes))
         if self.activation_bytes is not None:
             rows.append(("static + activations", self.total_bytes))
+            rows.append(("peak (model)", self.peak_bytes))
         if self.cuda_max_allocated is not None:
             rows.append(("cuda max allocated", self.cuda_max_allocated))
             rows.append(("cuda max reserved", self.cuda_max_reserved))
@@ -206,7 +237,7 @@ class Ledger:
 
 def memory_ledger(model: nn.Module, optimizer: Any = None, *,
                   saved_activation_bytes: int | SavedActivations | None = None,
-                  frozen_names: Iterable[str] | None = None) -> Ledger:
+                  frozen_names: Iterable[str] | None = None, grads_between_steps: bool | None = None) -> Ledger:
     """Account for the memory of ``model`` (and ``optimizer``) exactly.
 
     Args:
@@ -217,6 +248,10 @@ def memory_ledger(model: nn.Module, optimizer: Any = None, *,
         frozen_names: names of frozen weights; they may also name buffers (a frozen weight kept
             as a low-precision buffer). A listed parameter that requires grad is an error: the
             ledger would describe a freeze that is not in force.
+        grads_between_steps: whether the gradients outlive a step. Default: the optimizer's
+            ``grads_between_steps`` attribute where it has one (the flat AdamW says), else False
+            where an optimizer is given (the trainer zeroes torch optimizers with set_to_none), True
+            without one (the gradients found are all there is to say).
 
     Returns:
         A ``Ledger``. Weights are counted per tensor (numel x element size); gradients and
@@ -254,6 +289,12 @@ def memory_ledger(model: nn.Module, optimizer: Any = None, *,
             n_frozen += b.numel()
 
     grad_bytes = _unique_bytes((_local(p.grad) for p in params.values() if p.grad is not None), set())
+    # padding: a storage the trainable tensors are views of (the flat buffer) beyond their own bytes
+    plain = [p for p in params.values() if p.requires_grad and not isinstance(p, DTensor)]
+    padding = _unique_bytes(plain, set()) - sum(p.numel() * p.element_size() for p in plain) if plain else 0
+    if grads_between_steps is None:
+        grads_between_steps = bool(getattr(optimizer, "grads_between_steps", False)) if optimizer is not None \
+            else True
 
     state_total, by_key = 0, defaultdict(int)
     if optimizer is not None:
@@ -281,5 +322,7 @@ def memory_ledger(model: nn.Module, optimizer: Any = None, *,
                   optimizer_state_bytes=state_total, optimizer_state_by_key=dict(by_key),
                   activation_bytes=act, lock_bytes=int(getattr(optimizer, "lock_bytes", 0) or 0),
                   grad_transient_bytes=int(getattr(optimizer, "peak_grad_bytes", 0) or 0),
+                  grads_between_steps=grads_between_steps, weight_padding_bytes=max(padding, 0),
+                  code_table_bytes=int(getattr(optimizer, "code_table_bytes", 0) or 0),
                   cuda_max_allocated=max_alloc,
                   cuda_max_reserved=max_reserved, device=str(device))
