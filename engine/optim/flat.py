@@ -117,7 +117,7 @@ class FlatAdamW(torch.optim.Optimizer):
             ordered, self.segments, total, device, persistent=grad_buffer == "persistent", chunks=grad_chunks,
             fixed_end=self._step_start)
         flat.grad = self.grads.whole if self.grads is not None else None
-        self.backend, self.backend_reason = resolve_flat_backend(backend, device)
+        self.backend, self.backend_reason = resolve_flat_backend(backend, device, self.state_kind)
         self._scale: torch.Tensor | None = None  # clip coefficient for the next step (device scalar)
         self._norm: torch.Tensor | None = None  # gradient norm clip_grad_norm_ measured for it
         super().__init__([flat], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
