@@ -1,5 +1,9 @@
 """Atomic file output: a reader never sees a half-written file, and a failed write leaves the
-previous version in place (write to a temporary sibling, fsync, then rename)."""
+previous version in place (write to a temporary sibling, fsync, then rename).
+
+Results (models, manifests, reports, logs) get the mode the umask gives any new file: the
+temporary sibling comes from ``mkstemp`` / ``mkdtemp``, which create 0600 / 0700 whatever the
+umask. Keys are written with ``private=True`` and stay 0600 from their first byte."""
 from __future__ import annotations
 
 import contextlib
@@ -29,11 +33,30 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``os.umask`` can only
+    be read by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, private: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically; mode 0600 with ``private`` (secrets: never readable
+    by others, not even while being written), else what the umask gives a new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if not private:
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -47,8 +70,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, *, private: bool = False) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), private=private)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -66,6 +89,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

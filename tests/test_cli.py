@@ -22,11 +22,11 @@ def test_finetune_writes_a_model_that_reloads_and_generates(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     from PIL import Image
 
-    assert Image.open(tmp_path / "s.png").size == (32, 16)
+    assert Image.open(tmp_path / "s.png").size == (256, 128)  # 16 px samples, enlarged for viewing
 
 
 def test_config_typo_is_a_clear_error(tmp_path):
-    r = run("finetune", "--preset", "tiny", "--set", "train.lrr=1", "--out", str(tmp_path))
+    r = run("finetune", "--preset", "tiny", "--data", "digits", "--set", "train.lrr=1", "--out", str(tmp_path))
     assert r.returncode == 2
     assert "unknown config key 'train.lrr'; did you mean 'lr'?" in r.stderr
     assert "Traceback" not in r.stderr

@@ -1,11 +1,10 @@
-"""``export-digits``: the built-in digits as an image folder a newcomer can point every command at."""
+"""``export-digits``: the built-in digits as an image folder a newcomer can point every command at
+(the data module, and torch under it, is imported after the arguments are checked)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-
-from freezeasguard.engine.model.data import DIGIT_WORDS, digits_dataset, write_image_folder
 
 
 def cmd_export_digits(args: argparse.Namespace) -> int:
@@ -13,6 +12,8 @@ def cmd_export_digits(args: argparse.Namespace) -> int:
     if out.exists():
         print(f"freezeasguard export-digits: error: {out} exists; refusing to replace it", file=sys.stderr)
         return 2
+    from freezeasguard.engine.model.data import DIGIT_WORDS, digits_dataset, write_image_folder
+
     classes = None
     if args.classes:
         words = [w.strip() for w in args.classes.split(",") if w.strip()]

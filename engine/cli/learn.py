@@ -1,4 +1,8 @@
-"""``learn-mask``: learning a freeze mask from a base model and a labelled image folder."""
+"""``learn-mask`` and ``learn-lock``: learning a guard from a base model and a labelled image folder.
+
+The learners (and diffusers under them) are imported after the settings are checked, so a typo
+is reported before seconds of imports.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,13 +10,6 @@ from pathlib import Path
 
 from freezeasguard.engine.config import from_dict, resolve
 from freezeasguard.engine.errors import MaskLearnError
-from freezeasguard.engine.io import atomic_write_json
-from freezeasguard.engine.learn.config import MaskLearnConfig
-from freezeasguard.engine.learn.diagnostics import convergence, loss_summary
-from freezeasguard.engine.learn.lock_config import LockLearnConfig
-from freezeasguard.engine.learn.lock_report import format_lock_report
-from freezeasguard.engine.learn.pipeline import baseline_path, learn_mask
-from freezeasguard.engine.learn.subspace import REPORT, learn_lock
 
 
 def _domains(text: str) -> tuple[list[str], list[float]]:
@@ -36,6 +33,8 @@ def _domains(text: str) -> tuple[list[str], list[float]]:
 
 def resolve_learn_config(args: argparse.Namespace):
     """File, then --set overrides, then the explicit flags (which win)."""
+    from freezeasguard.engine.learn.config import MaskLearnConfig
+
     cfg = resolve(MaskLearnConfig, file=args.config, overrides=args.overrides, presets={})
     ill, w_ill = _domains(args.illegal)
     if any(x != 1.0 for x in w_ill):
@@ -53,6 +52,10 @@ def resolve_learn_config(args: argparse.Namespace):
 
 def cmd_learn_mask(args: argparse.Namespace) -> int:
     cfg = resolve_learn_config(args)
+    from freezeasguard.engine.io import atomic_write_json
+    from freezeasguard.engine.learn.diagnostics import convergence, loss_summary
+    from freezeasguard.engine.learn.pipeline import baseline_path, learn_mask
+
     res = learn_mask(cfg, args.out, resume=args.resume, baselines=args.baselines)
     if res.learner.dist.is_main:
         atomic_write_json(Path(cfg.work_dir) / "config.json", cfg.to_dict())
@@ -72,6 +75,8 @@ def cmd_learn_mask(args: argparse.Namespace) -> int:
 
 
 def cmd_learn_lock(args: argparse.Namespace) -> int:
+    from freezeasguard.engine.learn.lock_config import LockLearnConfig
+
     cfg = resolve(LockLearnConfig, file=args.config, overrides=args.overrides, presets={})
     flags: dict = {"base": args.base, "data": args.data, "illegal": _domains(args.illegal)[0],
                    "innocent": _domains(args.innocent)[0] if args.innocent else list(cfg.innocent)}
@@ -82,6 +87,9 @@ def cmd_learn_lock(args: argparse.Namespace) -> int:
     if user:
         flags["user"] = user
     cfg = from_dict(LockLearnConfig, flags, base=cfg).validate()
+    from freezeasguard.engine.learn.lock_report import format_lock_report
+    from freezeasguard.engine.learn.subspace import REPORT, learn_lock
+
     res = learn_lock(cfg, args.out, resume=args.resume)
     out = Path(args.out)
     print(format_lock_report(res.report))

@@ -22,6 +22,20 @@ def _command(p: argparse.ArgumentParser, impl: str) -> None:
     p.set_defaults(impl=impl)
 
 
+def _require(p: argparse.ArgumentParser, *groups: tuple[str, ...]) -> None:
+    """Each group names options of which at least one must be given. A command that trains must not
+    guess its data or its starting model: a silent default run is minutes of work nobody asked for."""
+    p.set_defaults(required_one_of=(p, groups))
+
+
+def _check_required(args: argparse.Namespace) -> None:
+    parser, groups = getattr(args, "required_one_of", (None, ()))
+    missing = [" or ".join(g) for g in groups
+               if all(getattr(args, o.lstrip("-").replace("-", "_")) is None for o in g)]
+    if missing:
+        parser.error("the following arguments are required: " + ", ".join(missing))  # usage, exit 2
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="named config preset (tiny, small, sd15, sd21, sdxl-tiny, sdxl, sd3-tiny, sd3, "
                                      "flux-tiny, flux)")
@@ -35,25 +49,32 @@ def _engine_commands(sub) -> None:
 
     s = sub.add_parser("finetune", help="fine-tune a model (full, or guarded by a freeze manifest)")
     _config_args(s)
-    s.add_argument("--data", help="'digits' or an image folder with metadata.jsonl")
-    s.add_argument("--model", help="model folder in a diffusers pipeline layout (default: preset weights)")
-    s.add_argument("--steps", type=int)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--data", help="'digits' or an image folder with metadata.jsonl (required)")
+    s.add_argument("--model", help="model folder in a diffusers pipeline layout to start from (this or --preset "
+                                   "is required; --preset alone starts from random weights)")
+    s.add_argument("--steps", type=int, help="training steps (default: the config's train.steps)")
+    s.add_argument("--seed", type=int, help="seed of the weights, data order and noise (default: train.seed)")
     s.add_argument("--out", help="output folder (logs, checkpoints, final/)")
     s.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or a given) checkpoint")
     _command(s, "train:cmd_finetune")
+    _require(s, ("--data",), ("--model", "--preset"))
 
     s = sub.add_parser("generate", help="sample images from a model folder")
-    s.add_argument("--model", required=True)
-    s.add_argument("--prompt", action="append", required=True, help="repeatable")
+    s.add_argument("--model", required=True, help="model folder in a diffusers pipeline layout")
+    s.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable)")
     s.add_argument("--num", type=int, default=1, help="images per prompt")
-    s.add_argument("--steps", type=int, default=30)
-    s.add_argument("--guidance", type=float, default=1.0)
+    s.add_argument("--steps", type=int, default=30, help="sampler steps (default 30)")
+    s.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale (default 1.0: conditional prediction only)")
     s.add_argument("--sampler", default="ddim",
                    help="'ddim' (default), 'checkout' (the scheduler the model folder names) or a diffusers "
                         "scheduler class, e.g. DPMSolverMultistepScheduler")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="samples.png")
+    s.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    s.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    s.add_argument("--cell", type=int, default=128, metavar="PX",
+                   help="smallest side of each sample in the grid, enlarged by whole pixels for viewing "
+                        "(default 128; 0: the model's own resolution)")
+    s.add_argument("--raw", help="also write the samples at the model's resolution, one PNG each, to this folder")
     _command(s, "train:cmd_generate")
 
     s = sub.add_parser("export-digits", help="write the built-in digits as an image folder with metadata.jsonl")
@@ -70,12 +91,13 @@ def _guard_commands(sub) -> None:
     s.add_argument("--illegal", required=True, metavar="D[,D..]", help="illegal domain(s)")
     s.add_argument("--innocent", required=True, metavar="D[:W][,D..]", help="innocent domain(s), optional weights")
     s.add_argument("--budget", type=float, required=True, help="freeze budget rho in [0, 1]")
-    s.add_argument("--budget-by", choices=("params", "tensors"), default="params")
+    s.add_argument("--budget-by", choices=("params", "tensors"), default="params",
+                   help="count the budget in parameters (default) or in tensors")
     s.add_argument("--out", required=True, help="manifest to write (JSON)")
     s.add_argument("--steps", type=int, help="total steps (user + mask)")
     s.add_argument("--bootstrap-steps", type=int, help="mixed fine-tuning steps giving theta_ft")
     s.add_argument("--finetuned", help="fine-tuned model folder to use as theta_ft (no bootstrap)")
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=int, help="seed of the bootstrap, batches and baselines (default: the config's)")
     s.add_argument("--work", help="folder for the log, checkpoints and bootstrap model (default: OUT.run)")
     s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the work folder")
     s.add_argument("--baselines", action="store_true",
@@ -100,7 +122,7 @@ def _guard_commands(sub) -> None:
     s.add_argument("--lr", type=float, help="learning rate of each round's fine-tune (the service's cap)")
     s.add_argument("--batch-size", type=int, help="batch of each round's fine-tune (the service's cap)")
     s.add_argument("--mask", help="a freeze manifest whose tensor mask the lock is combined with")
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=int, help="seed of each round's fine-tune (default: the config's)")
     s.add_argument("--resume", action="store_true", help="continue after the last finished round in --out")
     s.add_argument("--config", help="YAML or JSON file of lock-learning settings")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -115,19 +137,20 @@ def _guard_commands(sub) -> None:
 
     s = sub.add_parser("keygen", help="make a publisher key for signing manifests")
     s.add_argument("--out", required=True, help="key file to write (0600)")
-    s.add_argument("--algorithm", choices=["hmac-sha256", "ed25519"], default="ed25519")
+    s.add_argument("--algorithm", choices=["hmac-sha256", "ed25519"], default="ed25519",
+                   help="ed25519 (default: the service needs only the public half) or hmac-sha256 (a shared secret)")
     s.add_argument("--public", help="ed25519: also write the public half here (what the service verifies with)")
     _command(s, "proof:cmd_keygen")
 
     s = sub.add_parser("sign", help="sign a freeze manifest with a publisher key")
-    s.add_argument("--manifest", required=True)
-    s.add_argument("--key", required=True)
+    s.add_argument("--manifest", required=True, help="freeze manifest to sign (JSON)")
+    s.add_argument("--key", required=True, help="publisher key file (from keygen: the private one)")
     s.add_argument("--out", help="signed manifest (default: in place, atomically)")
     _command(s, "proof:cmd_sign")
 
     s = sub.add_parser("verify", help="prove every frozen tensor of a model is bit-identical to the manifest "
                                       "(and every locked direction unmoved)")
-    s.add_argument("--manifest", required=True)
+    s.add_argument("--manifest", required=True, help="freeze manifest (JSON)")
     s.add_argument("--model", required=True, help="model folder, its unet/ or transformer/, or a .safetensors file")
     s.add_argument("--base", help="the base model folder (needed when the manifest locks directions)")
     s.add_argument("--steps", type=int, default=10_000,
@@ -159,9 +182,9 @@ def _service_commands(sub) -> None:
     s.add_argument("--base", required=True, help="the base model folder: every file pinned, checked against the "
                                                  "manifests, its text encoder pinned too")
     s.add_argument("--out", required=True, help="policy file to write (YAML; must not exist)")
-    s.add_argument("--max-lr", type=float)
-    s.add_argument("--max-steps", type=int)
-    s.add_argument("--max-batch-size", type=int)
+    s.add_argument("--max-lr", type=float, help="cap on a job's update scale (default 1e-4)")
+    s.add_argument("--max-steps", type=int, help="cap on a job's training steps (default 2000)")
+    s.add_argument("--max-batch-size", type=int, help="cap on a job's batch size (default 16)")
     s.add_argument("--min-guard-share", type=float,
                    help="least share of the denoiser's parameters a manifest must freeze or lock")
     _command(s, "service:cmd_policy_init")
@@ -194,8 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_required(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes' CPU backend asks the Hugging Face kernels hub for a 4-bit GEMM kernel the engine
+    # never uses; offline (HF_HUB_OFFLINE=1) that logs a trust-check warning on every model load.
+    logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
     module, func = args.impl.split(":")
     try:
         cmd = getattr(importlib.import_module(f"freezeasguard.engine.cli.{module}"), func)

@@ -1,14 +1,16 @@
-"""``mask-report``: where a mask's frozen tensors sit, and how much two masks overlap."""
+"""``mask-report``: where a mask's frozen tensors sit, and how much two masks overlap (torch and the
+report's plotting are imported when the command runs: ``--help`` and a wrong flag stay instant)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from freezeasguard.engine.guard.manifest import Manifest
-from freezeasguard.engine.learn.report import format_report, jaccard, plot_masks
 
 
 def cmd_mask_report(args: argparse.Namespace) -> int:
+    from freezeasguard.engine.guard.manifest import Manifest
+    from freezeasguard.engine.learn.report import format_report, jaccard, plot_masks
+
     masks = {}
     for path in [args.manifest, *([args.other] if args.other else [])]:
         label = Path(path).stem if Path(path).stem not in masks else f"{Path(path).stem} (2)"

@@ -1,4 +1,5 @@
-"""``job submit`` and ``policy init``: the publisher's guarded-job service on the command line."""
+"""``job submit`` and ``policy init``: the publisher's guarded-job service on the command line
+(the service modules, and torch under them, are imported when a command runs)."""
 from __future__ import annotations
 
 import argparse
@@ -14,13 +15,12 @@ from freezeasguard.engine.errors import (
     PolicyViolation,
     SignatureError,
 )
-from freezeasguard.engine.guard.manifest import Manifest
-from freezeasguard.engine.model.components import load_components
-from freezeasguard.engine.service.policy import policy_for
-from freezeasguard.engine.service.run import RECORD_FILE, submit
+from freezeasguard.engine.cli.verify import proven
 
 
 def cmd_job_submit(args: argparse.Namespace) -> int:
+    from freezeasguard.engine.service.run import RECORD_FILE, submit
+
     try:
         result = submit(args.spec, args.policy, manifest=args.manifest, base=args.base, out=args.out,
                         log_path=args.log, progress=True)
@@ -31,9 +31,9 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
         print(f"freezeasguard job submit: failed: {exc}", file=sys.stderr)
         return 1
     r = result.record
-    print(f"job {r['job_id']}: {r['verify']['summary']}\n"
+    print(f"job {r['job_id']}: {proven(r['verify']['summary'])}\n"
           f"  delta  {r['output']['path']} (sha256 {r['output']['sha256']}, {r['output']['tensors']} tensors)\n"
-          f"  record {result.out / RECORD_FILE}\n  logged as #{result.log_entry['seq']} "
+          f"  record {(result.out / RECORD_FILE).absolute()}\n  logged as #{result.log_entry['seq']} "
           f"(hash {result.log_entry['hash']})")
     return 0
 
@@ -42,6 +42,10 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
     if Path(args.out).exists():
         print(f"freezeasguard policy init: error: {args.out} exists; refusing to replace a policy", file=sys.stderr)
         return 2
+    from freezeasguard.engine.guard.manifest import Manifest
+    from freezeasguard.engine.model.components import load_components
+    from freezeasguard.engine.service.policy import policy_for
+
     try:
         manifests = [Manifest.load(m) for m in args.manifest]
         base = load_components(args.base)

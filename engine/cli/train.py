@@ -1,4 +1,8 @@
-"""``info``, ``finetune`` and ``generate``: the engine's own jobs."""
+"""``info``, ``finetune`` and ``generate``: the engine's own jobs.
+
+torch, diffusers and the engine's training stack are imported inside each command, after the
+arguments and the config are checked: importing them takes seconds, and a typo should not wait.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,18 +10,17 @@ import importlib.metadata
 import os
 import platform
 
-import torch
-
-from freezeasguard.engine.version import __version__
-from freezeasguard.engine.backends import all_backends
 from freezeasguard.engine.config import resolve
-from freezeasguard.engine.model.components import load_components
-from freezeasguard.engine.model.sampling import generate, save_grid
-from freezeasguard.engine.model.tokenizer import clip_bpe_path
-from freezeasguard.engine.train.trainer import Trainer
+from freezeasguard.engine.errors import ConfigError
+from freezeasguard.engine.version import __version__
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from freezeasguard.engine.backends import all_backends
+    from freezeasguard.engine.model.tokenizer import clip_bpe_path
+
     rows = [("freezeasguard", __version__), ("python", platform.python_version()),
             ("torch", torch.__version__)]
     for mod in ("diffusers", "transformers", "safetensors", "numpy"):
@@ -52,6 +55,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if val is not None:
             overrides.append(f"{key}={val}")
     cfg = resolve(preset=args.preset, file=args.config, overrides=overrides)
+    from freezeasguard.engine.train.trainer import Trainer
+
     trainer = Trainer(cfg)
     if args.resume:
         step = trainer.resume(None if args.resume == "latest" else args.resume)
@@ -69,13 +74,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.cell < 0:
+        raise ConfigError(f"--cell {args.cell}: must be >= 0 (0 keeps the model's resolution)")
+    from freezeasguard.engine.model.components import load_components
+    from freezeasguard.engine.model.sampling import generate, save_grid, save_samples
+
     c = load_components(args.model)
     prompts = args.prompt * args.num
     imgs = generate(c, prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, progress=True,
                     sampler=args.sampler)
-    save_grid(imgs, args.out, nrow=min(8, len(prompts)))
-    print(f"{len(prompts)} image(s) written to {args.out}")
+    scale = save_grid(imgs, args.out, nrow=min(8, len(prompts)), min_cell=args.cell)
+    side = f"{imgs.shape[-1]} x {imgs.shape[-2]} px"
+    print(f"{len(prompts)} image(s) of {side} written to {args.out}"
+          + (f" (enlarged {scale}x for viewing; --cell 0 keeps the model's resolution)" if scale > 1 else ""))
+    if args.raw:
+        files = save_samples(imgs, args.raw)
+        print(f"{len(files)} sample(s) at {side} written to {args.raw}/")
     return 0
-
-
-# verify ----------------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ buffers (SD3's sin-cos position table ``pos_embed.pos_embed``), which no trainin
 they are told apart by the denoiser class its ``config.json`` names (built on the meta device, so
 nothing is allocated), left out of the manifest's check, and compared bit for bit with the base's
 when ``--base`` is given (without it they are listed as not covered).
+
+torch, safetensors and the model families are imported inside the functions that use them, so a
+wrong flag is reported before seconds of imports.
 """
 from __future__ import annotations
 
@@ -12,17 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
 from freezeasguard.engine.errors import ManifestError
-from freezeasguard.engine.guard.manifest import Manifest
-from freezeasguard.engine.guard.subspace import lock_residuals
-from freezeasguard.engine.guard.verify import verify_frozen
-from freezeasguard.engine.model.families import FAMILIES, detect_family
 
 _SHOWN = 20  # detail lines printed per kind; the counts say how many there are
-_CLASSES = {f.denoiser_class.__name__: f.denoiser_class for f in FAMILIES.values()}
 
 
 def denoiser_folder(path: Path) -> Path:
@@ -30,6 +25,8 @@ def denoiser_folder(path: Path) -> Path:
     (``detect_family``: the pipeline index, else the folders' configs), or ``path`` itself when it
     is a denoiser folder."""
     if (path / "unet").is_dir() or (path / "transformer").is_dir():
+        from freezeasguard.engine.model.families import detect_family
+
         return path / detect_family(path).denoiser_dir
     return path
 
@@ -37,6 +34,8 @@ def denoiser_folder(path: Path) -> Path:
 def load_unet_state(path: str | Path) -> dict:
     """Denoiser tensors of a model folder (``unet/`` or ``transformer/`` ``*.safetensors``), of a
     denoiser folder itself, or of a .safetensors file."""
+    from safetensors.torch import load_file
+
     path = Path(path)
     if path.is_file():
         return load_file(path)
@@ -54,12 +53,17 @@ def load_unet_state(path: str | Path) -> dict:
 def buffer_names(path: str | Path) -> set[str]:
     """Names of the persistent buffers of the denoiser a model folder (or denoiser folder) holds;
     empty for a bare weights file or a folder whose config names no supported denoiser class."""
+    import torch
+
+    from freezeasguard.engine.model.families import FAMILIES
+
     path = Path(path)
     if path.is_file():
         return set()
     folder = denoiser_folder(path)
+    classes = {f.denoiser_class.__name__: f.denoiser_class for f in FAMILIES.values()}
     try:
-        cls = _CLASSES.get(str(json.loads((folder / "config.json").read_text()).get("_class_name")))
+        cls = classes.get(str(json.loads((folder / "config.json").read_text()).get("_class_name")))
     except (OSError, ValueError, AttributeError):
         return set()
     if cls is None:
@@ -78,6 +82,8 @@ def _split(path: str | Path, buffers: set[str]) -> tuple[dict, dict]:
 
 
 def _buffer_problems(model: dict, base: dict) -> list[str]:
+    import torch
+
     out = []
     for n in sorted(set(model) | set(base)):
         a, b = model.get(n), base.get(n)
@@ -89,7 +95,33 @@ def _buffer_problems(model: dict, base: dict) -> list[str]:
     return out
 
 
+def _check_base(manifest, base: dict, args: argparse.Namespace) -> None:
+    """The lock is measured from the manifest's own base only. A wrong ``--base`` is named as the
+    folder at fault: ``--model`` was already checked against the manifest and fits it."""
+    problems = manifest.model_problems(base)
+    if problems:
+        raise ManifestError(f"--base {args.base} does not match {args.manifest} ({len(problems)} problem(s); "
+                            f"--model {args.model} fits the manifest, so --base is not the base it was made "
+                            "for):", problems[:_SHOWN]
+                            + ([f"... and {len(problems) - _SHOWN} more"] if len(problems) > _SHOWN else []))
+
+
+_NO_FROZEN = "all 0 frozen tensors are bit-identical to the manifest; "
+
+
+def proven(summary: str) -> str:
+    """A verification summary saying only what was proven: a manifest that only locks directions
+    has no frozen tensor, and "all 0 frozen tensors are bit-identical" would read as a proof."""
+    if summary.startswith(_NO_FROZEN):
+        return "no tensor is frozen by this manifest; " + summary[len(_NO_FROZEN):]
+    return summary
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    from freezeasguard.engine.guard.manifest import Manifest
+    from freezeasguard.engine.guard.subspace import lock_residuals
+    from freezeasguard.engine.guard.verify import verify_frozen
+
     manifest = Manifest.load(args.manifest)
     lock = manifest.load_lock(args.manifest)
     if lock is not None and not args.base:
@@ -105,7 +137,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         base, base_buffers = _split(args.base, names)
         bad_buffers = _buffer_problems(buffers, base_buffers)
         if lock is not None and other is None:
-            manifest.check_model(base)  # the lock is measured from the manifest's own base only
+            _check_base(manifest, base, args)
             deltas = {n: state[n].float() - base[n].float() for n in lock.locks}
             norms = {n: float(base[n].double().norm()) for n in lock.locks}
             report.add_lock_residuals(lock_residuals(lock, deltas, norms, args.steps))
@@ -125,5 +157,5 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"FAIL {report.details[n]}")
     if len(report.failures) > _SHOWN:
         print(f"FAIL ... and {len(report.failures) - _SHOWN} more")
-    print(report.summary() + (f"; {len(bad_buffers)} buffer(s) differ from the base" if bad_buffers else ""))
+    print(proven(report.summary()) + (f"; {len(bad_buffers)} buffer(s) differ from the base" if bad_buffers else ""))
     return 0 if report.ok and other is None and not bad_buffers else 1

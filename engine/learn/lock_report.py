@@ -59,16 +59,20 @@ def format_lock_report(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_lock(rep: dict[str, Any], path: str | Path) -> Path:
-    """Locked share by block and by kind, and energy captured per round; written atomically."""
-    fig = Figure(figsize=(12, 4))
+def lock_figure(rep: dict[str, Any]) -> Figure:
+    """Locked share by block and by kind, and energy captured per round."""
+    # Groups are listed down the y axis, one row each, and the figure grows with their number:
+    # names under a bar chart's x axis collide as soon as blocks are many or their names long.
+    n = max([len(rep[by]) for by in ("by_block", "by_kind")] + [1])
+    fig = Figure(figsize=(14, max(4.0, 1.5 + 0.28 * n)))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     for ax, by in zip(axes[:2], ("by_block", "by_kind")):
         rows = rep[by]
-        ax.bar(range(len(rows)), [100 * r["ratio"] for r in rows], color="#4a6fa5")
-        ax.set_xticks(range(len(rows)), [r["group"] for r in rows], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("locked share of matrix params (%)")
+        ax.barh(range(len(rows)), [100 * r["ratio"] for r in rows], color="#4a6fa5")
+        ax.set_yticks(range(len(rows)), [r["group"] for r in rows], fontsize=8)
+        ax.set_ylim(len(rows) - 0.5, -0.5)  # model order, top to bottom
+        ax.set_xlabel("locked share of matrix params (%)")
         ax.set_title(f"where the lock sits ({by.split('_')[1]})")
     ax = axes[2]
     rounds = rep["rounds"]
@@ -85,6 +89,12 @@ def plot_lock(rep: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("energy in the round's new directions (%)")
     ax.set_title("energy captured per round")
     fig.tight_layout()
+    return fig
+
+
+def plot_lock(rep: dict[str, Any], path: str | Path) -> Path:
+    """``lock_figure`` as a PNG, written atomically."""
+    fig = lock_figure(rep)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return atomic_write_bytes(path, buf.getvalue())

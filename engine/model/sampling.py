@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import io
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -80,15 +81,40 @@ def generate(c: Components, prompts: list[str], *, steps: int = 30, guidance: fl
     return torch.cat(out)
 
 
-def save_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
-    """Write uint8 images [N, 3, H, W] as one PNG grid (atomically)."""
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def grid_scale(height: int, width: int, min_cell: int) -> int:
+    """Whole-pixel enlargement that brings a sample's smaller side to at least ``min_cell`` (1: none).
+    Whole pixels, so every model pixel stays one sharp square and nothing is invented between them."""
+    side = min(height, width)
+    return max(1, -(-min_cell // side)) if min_cell > 0 else 1
+
+
+def save_grid(images: torch.Tensor, path, nrow: int = 8, min_cell: int = 0) -> int:
+    """Write uint8 images [N, 3, H, W] as one PNG grid (atomically), each sample enlarged by
+    nearest neighbour to at least ``min_cell`` pixels a side (0: the model's own resolution, which
+    for a 16 px model is a strip too small to see). Returns the enlargement factor."""
     n, _, h, w = images.shape
+    k = grid_scale(h, w, min_cell)
     cols = min(nrow, n)
     rows = (n + cols - 1) // cols
     grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for k in range(n):
-        r, q = divmod(k, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[k].permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    for j in range(n):
+        r, q = divmod(j, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[j].permute(1, 2, 0).numpy()
+    if k > 1:
+        grid = grid.repeat(k, axis=0).repeat(k, axis=1)
+    atomic_write_bytes(path, _png(grid))
+    return k
+
+
+def save_samples(images: torch.Tensor, folder) -> list[Path]:
+    """Write each uint8 image [3, H, W] at its own resolution as ``folder/NNN.png``: the samples
+    exactly as the model drew them, for measuring rather than viewing."""
+    folder = Path(folder)
+    return [atomic_write_bytes(folder / f"{j:03d}.png", _png(img.permute(1, 2, 0).numpy()))
+            for j, img in enumerate(images)]
