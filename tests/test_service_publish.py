@@ -164,3 +164,26 @@ def test_killed_at_every_point_leaves_a_record_for_every_output(pub, tmp_path, p
         submit(pub.spec(tmp_path / "third.yaml", train={"steps": 1}), pub.policy_path, manifest=pub.manifest_path,
                base=pub.base, out=tmp_path / "out", log_path=log)
         _consistent(pub, tmp_path, log)
+
+
+def test_resubmitting_to_a_killed_jobs_folder_recovers_its_claim_first(pub, tmp_path):
+    proc = _cli(pub, tmp_path, "job", tmp_path / "out", env={FAILPOINT_ENV: "training"})
+    assert proc.wait(timeout=600) == -9
+    assert claim_path(tmp_path / "out").exists()  # the killed job's claim, no longer held
+    # The same --out again, with no other job run in between: recovered, then claimed anew.
+    again = _cli(pub, tmp_path, "again", tmp_path / "out", seed=1)
+    assert again.wait(timeout=600) == 0, again.stderr.read()
+    assert (tmp_path / "out" / DELTA_FILE).is_file()
+    statuses = [s for _, s in _statuses(tmp_path / "jobs.jsonl")]
+    assert statuses == ["started", "failed", "started", "completed"]
+    _consistent(pub, tmp_path, tmp_path / "jobs.jsonl")
+
+
+def test_a_live_claim_is_still_refused_at_planning(pub, tmp_path):
+    from freezeasguard.engine.service.publish import claim_output
+    claim = claim_output(tmp_path / "out", "live-job")  # held by this (live) process
+    try:
+        with pytest.raises(PolicyViolation, match="is claimed by another job"):
+            _plan(pub, tmp_path, "a", tmp_path / "out")
+    finally:
+        claim.release()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 from freezeasguard.engine.io import file_sha256
-from freezeasguard.engine.service.joblog import GENESIS, AuditReport, audit, read_entries
+from freezeasguard.engine.service.joblog import GENESIS, REPAIR_SCHEMA, AuditReport, audit, read_entries
 from freezeasguard.engine.service.signing import Ed25519Key, HmacKey
 
 RECORD_SCHEMA = "freezeasguard.job/1"
@@ -51,6 +51,10 @@ def record_problems(record: Mapping[str, Any], *, outputs: bool = False,
         outputs: also re-hash a completed job's delta file.
         manifest_key_id: the publisher key id every job's manifest must be signed by.
     """
+    if record.get("schema") == REPAIR_SCHEMA:  # the service's own signed note of a torn line it cut off
+        ok = (isinstance(record.get("torn_sha256"), str) and isinstance(record.get("torn_bytes"), int)
+              and "job_id" not in record)
+        return [] if ok else ["a log repair record without the torn bytes' hash and length"]
     missing = [k for k in _STARTED_KEYS if k not in record]
     if missing:
         return [f"job record lacks {missing}"]

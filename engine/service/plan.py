@@ -38,7 +38,7 @@ from freezeasguard.engine.service.policy import (
     manifest_signature_problems,
     spec_problems,
 )
-from freezeasguard.engine.service.publish import claim_path
+from freezeasguard.engine.service.publish import claim_alive, claim_path
 from freezeasguard.engine.service.signing import Ed25519Key, Key, load_key
 from freezeasguard.engine.service.spec import JobSpec
 
@@ -142,7 +142,9 @@ def plan_job(spec: JobSpec | str | os.PathLike, policy: Policy | str | os.PathLi
     problems: list[str] = []
     if os.path.lexists(out):
         problems.append(f"output folder {str(out)!r} already exists; a job never overwrites results")
-    elif os.path.lexists(claim_path(out)):
+    elif os.path.lexists(claim_path(out)) and claim_alive(claim_path(out)):
+        # A claim no live process holds is a killed job's: ``submit`` recovers it (frees the folder)
+        # before this job claims it, so resubmitting to a killed job's folder works.
         problems.append(f"output folder {str(out)!r} is claimed by another job")
     # The keys come from the policy only: a job cannot bring its own.
     key = _attempt("publisher key", lambda: load_key(policy.signature.key_file, policy.signature.algorithm), problems)

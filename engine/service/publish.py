@@ -17,6 +17,13 @@ The protocol (``service.run.run_job`` follows it):
    ``failed`` record appended; one whose last record is ``completed`` but whose output was never
    published (killed between the record and the rename) is published now if its staged delta
    still has the recorded hash, else marked failed.
+
+Recovery deletes and renames folders, so it trusts only what it verifies: it reads the log through
+``service.logverify.verified_entries`` (every hash, link and signature from the first line; a log
+the audit rejects is refused, naming its first bad line), and it touches only the claim and stage
+it recomputes from a record's output folder and job id, the paths the service itself created,
+never a path a record names on its own. A record whose paths differ from those, or whose claim
+file does not name its job, is left alone.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -33,10 +41,13 @@ from typing import Any, Iterator
 from freezeasguard.engine.errors import JobError, JobLogError
 from freezeasguard.engine.io import file_sha256, rename_noreplace
 from freezeasguard.engine.service.audit import JobStates
-from freezeasguard.engine.service.joblog import append_record, read_entries
+from freezeasguard.engine.service.joblog import append_record
+from freezeasguard.engine.service.logverify import verified_entries
 from freezeasguard.engine.service.records import utc_now
 
 FAILPOINT_ENV = "FREEZEASGUARD_FAILPOINT"
+# A job id names files (its stage), so it is a plain name: no separators, no "..".
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 
 
 def failpoint(name: str) -> None:
@@ -86,7 +97,7 @@ def claim_output(out: Path, job_id: str) -> Claim:
     return claim
 
 
-def _claim_alive(path: Path) -> bool:
+def claim_alive(path: Path) -> bool:
     """Whether a live process still holds the claim at ``path``."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -121,33 +132,65 @@ def _held(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _own_paths(job_id: Any, where: Any) -> tuple[Path, Path, Path] | None:
+    """(out, stage, claim) of a record, recomputed from its output folder and job id, or None if
+    the record's own stage and claim are not exactly those (then recovery leaves it alone)."""
+    if not (isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) and isinstance(where, dict)):
+        return None
+    out = where.get("out")
+    if not isinstance(out, str) or not os.path.isabs(out) or "\x00" in out:
+        return None
+    out_p = Path(out)
+    stage, claim = stage_path(out_p, job_id), claim_path(out_p)
+    if where.get("stage") != str(stage) or where.get("claim") != str(claim) or out_p.name in ("", ".", ".."):
+        return None
+    return out_p, stage, claim
+
+
+def _claim_names(claim: Path, job_id: str) -> bool:
+    """Whether the claim file at ``claim`` is one ``claim_output`` wrote for ``job_id``."""
+    try:
+        fd = os.open(claim, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        data = json.loads(os.read(fd, 4096) or b"null")
+    except (ValueError, UnicodeDecodeError, OSError):
+        return False
+    finally:
+        os.close(fd)
+    return isinstance(data, dict) and data.get("job_id") == job_id
+
+
 def recover_jobs(log: str | os.PathLike, key: Any) -> list[str]:
     """Finish or fail every interrupted job of ``log`` (see the module docstring).
 
     Returns:
         One line per job recovered, saying what was done.
+    Raises:
+        JobLogError if the log fails verification with ``key`` (nothing is recovered from it).
     """
     log = Path(log)
     if not log.is_file():
         return []
     jobs = JobStates()
     try:
-        for lineno, entry in read_entries(log):
-            rec = entry.get("record") if isinstance(entry, dict) else None
-            if isinstance(rec, dict):
-                jobs.see(lineno - 1, rec)
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise JobLogError(f"{log}: cannot be read for recovery ({exc}); run `audit`") from None
+        for entry in verified_entries(log, key):
+            jobs.see(entry["seq"], entry["record"])
+    except OSError as exc:
+        raise JobLogError(f"{log}: cannot be read for recovery ({exc})") from None
     done = []
     for job_id, rec in jobs.last.items():
-        where = rec.get("publish")
-        if rec.get("status") not in ("started", "completed") or not isinstance(where, dict):
+        if rec.get("status") not in ("started", "completed"):
             continue
-        out, stage, claim = (Path(str(where.get(k, ""))) for k in ("out", "stage", "claim"))
-        if rec["status"] == "completed" and out.exists():
+        paths = _own_paths(job_id, rec.get("publish"))
+        if paths is None:
             continue
-        if not claim.exists() or _claim_alive(claim):
-            continue  # a live job, or one already recovered
+        out, stage, claim = paths
+        if rec["status"] == "completed" and os.path.lexists(out):
+            continue
+        if not claim.exists() or claim_alive(claim) or not _claim_names(claim, job_id):
+            continue  # a live job, one already recovered, or a claim this job did not make
         try:
             with _held(claim):
                 done.append(_recover_one(log, key, rec, out, stage))
@@ -163,13 +206,16 @@ def _recover_one(log: Path, key: Any, rec: dict[str, Any], out: Path, stage: Pat
     if rec["status"] == "completed":
         o = rec.get("output") or {}
         delta = stage / str(o.get("file", ""))
-        if stage.is_dir() and delta.is_file() and file_sha256(delta) == o.get("sha256"):
+        name = str(o.get("file", ""))
+        if (name and "/" not in name and name not in (".", "..") and stage.is_dir() and not stage.is_symlink()
+                and delta.is_file() and not delta.is_symlink() and file_sha256(delta) == o.get("sha256")):
             try:
                 publish_stage(stage, out)
                 return f"job {job_id}: published its recorded output to {out} (interrupted after its record)"
             except JobError:
                 pass
-    shutil.rmtree(stage, ignore_errors=True)
+    if not stage.is_symlink():  # rmtree never follows one; a link there is not the service's stage
+        shutil.rmtree(stage, ignore_errors=True)
     fail = {k: v for k, v in rec.items() if k not in ("status", "finished", "error", "output")}
     why = ("interrupted after its completion record, and its staged output was lost"
            if rec["status"] == "completed" else "interrupted: the service stopped before the job finished")
