@@ -8,6 +8,11 @@ another base, any tensor or adapter that is malformed (``service.adapters``: nam
 shapes, ranks, scaling), and anything that touches the freeze: a frozen tensor the delta would
 change, a name the base does not have, a direction lock it would move. Finally it proves the merged
 result against the manifest. Every refusal is one ``MergeError`` naming every problem.
+
+The metadata is the delta's own and unsigned, so these checks cannot tell a job's delta from one
+edited, rescaled, summed or concatenated by whoever holds the file: the publisher merges with
+``service.provenance.merge_signed_delta``, which accepts only the exact bytes a signed completed
+record of the job log holds and gives ``merge_delta`` that record's scale, never the file's.
 """
 from __future__ import annotations
 
