@@ -26,6 +26,27 @@ def git_commit() -> str:
         return "unknown"
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+ALLOW_DIRTY = "FREEZEASGUARD_BENCH_ALLOW_DIRTY"
+
+
+def refuse_dirty_results(out_dir: str | os.PathLike) -> None:
+    """Refuse to write into ``bench/results/`` from a tree with uncommitted changes.
+
+    Committed results name the commit that made them (``conditions()['commit']``); from a dirty tree
+    that commit is not the code that ran. Called before a suite starts (so no run is wasted) and
+    again by the writers. ``FREEZEASGUARD_BENCH_ALLOW_DIRTY=1`` overrides it (the results then say
+    ``+dirty``); results written anywhere else are never refused."""
+    out = Path(out_dir).resolve()
+    if out != RESULTS and RESULTS not in out.parents:
+        return
+    if os.environ.get(ALLOW_DIRTY) == "1" or not git_commit().endswith("+dirty"):
+        return
+    raise SystemExit(f"refusing to write results into {out}: the working tree has uncommitted changes, so the "
+                     f"results could not name the code that made them; commit first, write elsewhere (--out), "
+                     f"or set {ALLOW_DIRTY}=1")
+
+
 def conditions(**extra: Any) -> dict[str, Any]:
     """Where and with what a number was measured."""
     import diffusers
@@ -77,6 +98,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -
 
 
 def write_results(out_dir: Path, suite: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    refuse_dirty_results(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     j = atomic_write_json(out_dir / f"{suite}.json", payload)
     m = atomic_write_text(out_dir / f"{suite}.md", markdown + "\n")
