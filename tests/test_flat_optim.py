@@ -99,7 +99,7 @@ def test_on_cuda_the_triton_step_matches_torch_fused():
     opts = {}
     for backend in ("auto", "torch_fused"):
         named = [(n, torch.nn.Parameter(p.detach().cuda())) for n, p in _named(seed=3)]
-        opts[backend] = FlatAdamW(named, lr=1e-2, backend=backend)
+        opts[backend] = FlatAdamW(named, lr=1e-2, backend=backend, grad_buffer="persistent")
     assert opts["auto"].backend == "triton"
     for step in range(3):
         g = torch.Generator().manual_seed(step)

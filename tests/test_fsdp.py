@@ -244,7 +244,9 @@ def _against_flat_adamw(world, states):
     fully_shard(m, mesh=mesh)
     hp = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, states=states, seed=3)
     opt = ShardedFlatAdamW(m, [(n, p) for n, p in m.named_parameters()], **hp)
-    ref = FlatAdamW([(n, nn.Parameter(q.detach().clone())) for n, _, q, _ in opt.shards], **hp)
+    # the persistent gradient buffer, as the sharded one: its gradient is copied in whole below
+    ref = FlatAdamW([(n, nn.Parameter(q.detach().clone())) for n, _, q, _ in opt.shards], grad_buffer="persistent",
+                    **hp)
     mine = {n: q for n, _, q, _ in opt.shards}
     start = opt.flat.detach().clone()
     g = torch.Generator().manual_seed(dist.get_rank())

@@ -28,7 +28,7 @@ from torch import nn
 from freezeasguard.engine.errors import TrainingError
 from freezeasguard.kernels.adamw import global_grad_norm
 
-DEFAULT_CHUNKS = 16
+DEFAULT_CHUNKS = 64  # bench savings (small, 64 px, batch 4, 50% frozen): peak 184.7 MiB at 16 chunks, 181.6 at 64
 
 
 class StepGradients:
