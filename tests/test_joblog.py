@@ -498,10 +498,10 @@ def _append_many(path: str, worker: int, n: int, go, secret: bytes) -> None:
     key = HmacKey(secret)
     read_log = joblog._read_log
 
-    def slow_read_log(f, key):
+    def slow_read_log(f, path, key):
         # Widen the verify -> write-line window so that, without the lock, two appenders
         # would link to the same previous entry (this test fails with the flock removed).
-        walk = read_log(f, key)
+        walk = read_log(f, path, key)
         time.sleep(0.002)
         return walk
 

@@ -12,7 +12,7 @@ from freezeasguard.engine.errors import JobLogError
 from freezeasguard.engine.service import signing
 from freezeasguard.engine.service.audit import audit_jobs
 from freezeasguard.engine.service.joblog import REPAIR_SCHEMA, append_record, audit, read_entries, tail_problem
-from freezeasguard.engine.service.logverify import verified_entries
+from freezeasguard.engine.service.logcheckpoint import verified_entries
 from freezeasguard.engine.service.publish import claim_path, recover_jobs, stage_path
 
 KEY = signing.HmacKey(bytes(range(32)))
@@ -173,3 +173,75 @@ def test_recovery_leaves_a_claim_another_job_made(tmp_path):
     claim_path(out).write_text(json.dumps({"job_id": "someone-else", "pid": 1}))
     assert recover_jobs(log, KEY) == [] and claim_path(out).exists()
     os.unlink(claim_path(out))
+
+
+# ------------------------------------------------------------------ the signed checkpoint (a cache)
+def _checked(monkeypatch):
+    from freezeasguard.engine.service import logverify
+    seen = []
+    real = logverify.check_entry
+
+    def counting(entry, walk, key):
+        seen.append(entry.get("seq"))
+        return real(entry, walk, key)
+
+    monkeypatch.setattr(logverify, "check_entry", counting)
+    return seen
+
+
+@pytest.fixture
+def cp5(tmp_path, monkeypatch):
+    """log5, with a checkpoint kept from the first entry on (as a long log keeps one)."""
+    from freezeasguard.engine.service import logcheckpoint
+    monkeypatch.setattr(logcheckpoint, "CHECKPOINT_FROM", 1)
+    path = tmp_path / "jobs.jsonl"
+    for i in range(5):
+        append_record(path, {"job_id": f"j{i}", "n": i}, KEY)
+    return path
+
+
+def test_a_short_log_keeps_no_checkpoint(log5):
+    from freezeasguard.engine.service.logcheckpoint import checkpoint_path
+    assert not checkpoint_path(log5).exists()
+
+
+def test_the_checkpoint_spares_verifying_the_prefix_again(cp5, monkeypatch):
+    from freezeasguard.engine.service.logcheckpoint import checkpoint_path
+    log5 = cp5
+    assert checkpoint_path(log5).is_file()
+    seen = _checked(monkeypatch)
+    append_record(log5, {"job_id": "next"}, KEY)
+    assert seen == []  # the five entries the last append verified are vouched for by its checkpoint
+    assert [e["record"]["job_id"] for e in verified_entries(log5, KEY)][-1] == "next"
+
+
+@pytest.mark.parametrize("how", ["forged", "edited-prefix", "old-checkpoint"])
+def test_the_checkpoint_never_vouches_for_bytes_the_service_did_not_verify(cp5, monkeypatch, how):
+    from freezeasguard.engine.service.logcheckpoint import checkpoint_path
+    log5 = cp5
+    cp = checkpoint_path(log5)
+    old = cp.read_bytes()
+    lines = _lines(log5)
+    if how == "forged":
+        bad = 2
+    elif how == "old-checkpoint":  # an earlier, genuine checkpoint put back: only its prefix is skipped
+        append_record(log5, {"job_id": "j5"}, KEY)
+        lines = _lines(log5)
+        bad = 6
+    else:
+        bad = 2
+    entry = json.loads(lines[bad - 1])
+    entry["record"]["n"] = 99
+    lines[bad - 1] = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    log5.write_bytes(b"".join(lines))
+    if how == "old-checkpoint":
+        cp.write_bytes(old)
+    if how == "forged":  # a checkpoint vouching for the edited bytes, with the old signature
+        body = json.loads(old)
+        body["prefix_sha256"] = hashlib.sha256(log5.read_bytes()).hexdigest()
+        body["end"] = log5.stat().st_size
+        cp.write_text(json.dumps(body))
+    with pytest.raises(JobLogError, match=rf"line {bad} \(seq {bad - 1}\) is the first bad record"):
+        append_record(log5, {"job_id": "next"}, KEY)
+    with pytest.raises(JobLogError, match=rf"line {bad} \(seq {bad - 1}\)"):
+        verified_entries(log5, KEY)

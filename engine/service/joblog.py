@@ -5,7 +5,8 @@ chain alone does not stop whoever can write the file from rewriting *all* of it 
 every entry is also signed with the service's key (HMAC-SHA256 or Ed25519, ``service.signing``).
 
 The service trusts only what it verifies. Before each append, under the lock, it verifies the
-*whole* log (every hash, link and signature, from the first line) and refuses to extend one the
+*whole* log (every hash, link and signature, from the first line, or from the signed checkpoint of
+what it verified before, ``service.logcheckpoint``) and refuses to extend one the
 audit rejects, naming the first bad line: a check of the last line alone would let anyone who can
 write the file re-append an old signed entry, let the service link its next job to it, and then
 delete the entries in between, leaving a valid chain with jobs missing. A line that a short write
@@ -47,13 +48,13 @@ from freezeasguard.engine.service.logentry import (  # noqa: F401  (the log's pu
     sign_entry_hash,
     signing_key_problem,
 )
+from freezeasguard.engine.service.logcheckpoint import save_checkpoint, verified_walk
 from freezeasguard.engine.service.logverify import (  # noqa: F401
     AuditReport,
     Walk,
     audit,
     check_entry,
     refusal,
-    verified_entries,
     walk_log,
 )
 from freezeasguard.engine.service.records import encodable
@@ -63,9 +64,9 @@ REPAIR_SCHEMA = "freezeasguard.log-repair/1"
 """Schema of the record the service signs when it cuts off a torn last line."""
 
 
-def _read_log(f: BinaryIO, key: HmacKey | Ed25519Key) -> Walk:
+def _read_log(f: BinaryIO, path: Path, key: HmacKey | Ed25519Key) -> Walk:
     """The verified walk of the whole log (a seam the concurrency test widens)."""
-    return walk_log(f, key)
+    return verified_walk(f, path, key)
 
 
 def _torn_entry(walk: Walk, key: HmacKey | Ed25519Key) -> dict[str, Any] | None:
@@ -137,13 +138,15 @@ def append_record(path: str | os.PathLike, record: dict[str, Any],
     with os.fdopen(fd, "a+b") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
-            walk = _read_log(f, key)
+            walk = _read_log(f, path, key)
             if walk.reason is not None:
                 raise JobLogError(f"{path}: {refusal(walk)}")
             seq, prev = (walk.count, walk.head) if walk.torn is None else _repair(f, walk, key)
             entry = _write_entry(f, line_record, seq, prev, key)
             if created or seq == 0:  # the file's name must survive a crash as well as its line
                 fsync_dir(path.parent)
+            # What this append verified and wrote, for the next walk to start from.
+            save_checkpoint(f, path, Walk(count=seq + 1, head=entry["hash"], end=f.seek(0, os.SEEK_END)), key)
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
     return entry
@@ -166,7 +169,7 @@ def tail_problem(path: str | os.PathLike, key: HmacKey | Ed25519Key | None = Non
     """
     try:
         with open(path, "rb") as f:
-            walk = walk_log(f, key)
+            walk = verified_walk(f, path, key) if key is not None else walk_log(f)
     except OSError as exc:
         return f"cannot be read ({exc})"
     return refusal(walk) if walk.reason is not None else None

@@ -1,8 +1,8 @@
 """Verifying a job log: every entry's hash, link and signature, in one walk from the first line.
 
 Both readers of the log use this walk: ``audit`` (for the publisher), and the service itself before
-it appends or recovers (``service.joblog.append_record``, ``service.publish.recover_jobs``), so the
-service never acts on, or links a new entry to, anything the audit would reject.
+it appends or recovers (``service.logcheckpoint.verified_walk``), so the service never acts on, or
+links a new entry to, anything the audit would reject.
 
 What ``audit`` with the service's (verification) key detects, and what it cannot:
 
@@ -67,11 +67,16 @@ def check_entry(entry: Any, walk: Walk, key: HmacKey | Ed25519Key | None) -> tup
 
 
 def walk_log(f: BinaryIO, key: HmacKey | Ed25519Key | None = None,
-             check_record: Callable[[dict[str, Any]], list[str]] | None = None, *, keep: bool = False) -> Walk:
-    """Walk a log open for binary reading from its start, stopping at the first bad line."""
-    walk = Walk()
-    f.seek(0)
-    for lineno, raw in enumerate(f, start=1):
+             check_record: Callable[[dict[str, Any]], list[str]] | None = None, *, keep: bool = False,
+             start: Walk | None = None) -> Walk:
+    """Walk a log open for binary reading, stopping at the first bad line.
+
+    ``start``: a walk already verified up to byte ``start.end`` (``service.logcheckpoint``): the
+    walk goes on from there (its entries, if kept, are carried over).
+    """
+    walk = start if start is not None else Walk()
+    f.seek(walk.end)
+    for lineno, raw in enumerate(f, start=walk.count + 1):
         if not raw.endswith(b"\n"):  # only the last line can lack its newline
             walk.torn = raw
             return walk
@@ -92,19 +97,6 @@ def walk_log(f: BinaryIO, key: HmacKey | Ed25519Key | None = None,
         if keep:
             walk.entries.append(entry)
     return walk
-
-
-def verified_entries(path: str | os.PathLike, key: HmacKey | Ed25519Key) -> list[dict[str, Any]]:
-    """Every entry of the log at ``path``, each verified against the chain and ``key``.
-
-    Raises:
-        JobLogError naming the first line the audit would reject (a torn last line included).
-    """
-    with open(path, "rb") as f:
-        walk = walk_log(f, key, keep=True)
-    if walk.reason is not None or walk.torn is not None:
-        raise JobLogError(f"{path}: {refusal(walk)}")
-    return walk.entries
 
 
 def refusal(walk: Walk) -> str:

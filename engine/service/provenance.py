@@ -37,7 +37,7 @@ from freezeasguard.engine.guard.subspace import SubspaceLock
 from freezeasguard.engine.service.adapters import MAX_RANK, show
 from freezeasguard.engine.service.audit import JobStates
 from freezeasguard.engine.service.delta import DELTA_FORMAT, MAX_TOLERANCE_STEPS, METHODS, merge_delta
-from freezeasguard.engine.service.logverify import verified_entries
+from freezeasguard.engine.service.logcheckpoint import verified_entries
 from freezeasguard.engine.service.signing import Ed25519Key, HmacKey
 
 

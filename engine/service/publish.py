@@ -42,7 +42,7 @@ from freezeasguard.engine.errors import JobError, JobLogError
 from freezeasguard.engine.io import file_sha256, rename_noreplace
 from freezeasguard.engine.service.audit import JobStates
 from freezeasguard.engine.service.joblog import append_record
-from freezeasguard.engine.service.logverify import verified_entries
+from freezeasguard.engine.service.logcheckpoint import verified_entries
 from freezeasguard.engine.service.records import utc_now
 
 FAILPOINT_ENV = "FREEZEASGUARD_FAILPOINT"
