@@ -10,7 +10,6 @@ import pytest
 
 from freezeasguard.engine.errors import JobLogError
 from freezeasguard.engine.service import signing
-from freezeasguard.engine.service.audit import audit_jobs
 from freezeasguard.engine.service.joblog import REPAIR_SCHEMA, append_record, audit, read_entries, tail_problem
 from freezeasguard.engine.service.logcheckpoint import verified_entries
 from freezeasguard.engine.service.publish import claim_path, recover_jobs, stage_path
