@@ -38,9 +38,11 @@ def quiet_import_warnings() -> None:
     diffusers imports both whenever they are installed; without CUDA extensions for this torch
     (xformers) or 4-bit CPU kernels (bitsandbytes) they log warnings on every model load.
     ``freezeasguard info`` says what each backend can do here, and the engine logs which attention
-    and optimizer run, and why, when it runs. Called by the subpackages that import diffusers."""
-    logging.getLogger("xformers").setLevel(logging.ERROR)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    and optimizer run, and why, when it runs. bitsandbytes' CPU backend also asks the Hugging Face
+    kernels hub for a 4-bit GEMM kernel the engine never uses, which offline (HF_HUB_OFFLINE=1) logs
+    a trust-check warning on every model load. Called by the subpackages that import diffusers."""
+    for name in ("xformers", "bitsandbytes", "kernels._internals.hf_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _import(name: str):

@@ -220,9 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     _check_required(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    # bitsandbytes' CPU backend asks the Hugging Face kernels hub for a 4-bit GEMM kernel the engine
-    # never uses; offline (HF_HUB_OFFLINE=1) that logs a trust-check warning on every model load.
-    logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
     module, func = args.impl.split(":")
     try:
         cmd = getattr(importlib.import_module(f"freezeasguard.engine.cli.{module}"), func)
