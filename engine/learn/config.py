@@ -10,7 +10,10 @@ from typing import Any
 
 from freezeasguard.engine.config import TrainConfig
 from freezeasguard.engine.errors import ConfigError
-from freezeasguard.engine.learn.flat import DEFAULT_CHUNK
+
+# Padding unit of the learner's flat buffers (learn.flat); here so that a config (and the CLI's check
+# of one) needs no torch.
+DEFAULT_CHUNK = 256
 
 
 @dataclass

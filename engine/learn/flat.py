@@ -34,7 +34,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-DEFAULT_CHUNK = 256
+from freezeasguard.engine.learn.config import DEFAULT_CHUNK
 
 
 @dataclass(frozen=True)
