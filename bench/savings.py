@@ -4,7 +4,7 @@
   the engine, and the engine with each option (updates in backward with no gradient buffer, bf16
   and 8-bit moments, all of them, regional ``torch.compile``), plus the frozen-prefix skip on a
   mask that freezes the down path. One interleaved run: every ratio is measured side by side.
-* ``curves``: static memory, saved activations, the step's peak and step time against the frozen
+* ``curves``: static memory, saved activations, the step's measured peak and step time against the frozen
   fraction (0-90%), one interleaved run per fraction (full re-measured in each, so every time
   ratio is side by side), and static memory against model size from the shape-only plan
   (``engine/train/memplan.py``, the meta device for the large presets). PNG plots and tables.
@@ -144,8 +144,8 @@ def plot_curves(rows: list[dict[str, Any]], sizes: list[dict[str, Any]], out: Pa
     out.mkdir(parents=True, exist_ok=True)
     setups = ["naive"] + [f"engine{k}" for k in CURVE_OPTIONS]
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
-    for ax, key, label in zip(axes, ("static_vs_full", "act_vs_full", "peak_vs_full", "time_vs_full"),
-                              ("static memory / full", "saved activations / full", "peak (static + act) / full",
+    for ax, key, label in zip(axes, ("static_vs_full", "act_vs_full", "measured_peak_vs_full", "time_vs_full"),
+                              ("static memory / full", "saved activations / full", "measured peak / full",
                                "step time / full")):
         for s in setups:
             pts = sorted((r["fraction"], r[key]) for r in rows if r["scenario"].split("@")[0] == s and key in r)
