@@ -41,6 +41,7 @@ from freezeasguard.engine.optim.groups import param_groups
 from freezeasguard.engine.service.lora import LoraWiring, resolve_lora_targets
 from freezeasguard.engine.service.spec import DEFAULT_LORA_TARGETS, LoraSpec
 from freezeasguard.engine.train.trainer import Trainer
+from freezeasguard.engine.train.wiring import Wired
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,11 @@ class MaskedUpdateWiring:
         self.weight_decay = weight_decay
         self.optimizer: MaskedAdamW | None = None
 
-    def __call__(self, unet: nn.Module):
+    def __call__(self, unet: nn.Module) -> Wired:
         named = list(unet.named_parameters())
         frozen = {n: self.mask.element_mask(n) for n, _ in named}
         self.optimizer = MaskedAdamW(named, frozen, param_groups(named, self.weight_decay), **self.kw)
-        return named, self.optimizer
+        return Wired(None, named, self.optimizer)  # rows, not tensors: no TensorGuard can prove them
 
 
 def lora_modules(unet: nn.Module, guard: Guard, targets: Sequence[str] = DEFAULT_LORA_TARGETS) -> list[str]:
@@ -191,7 +192,5 @@ def user_trainer(base: Components, dataset: ImageDataset, guard: Guard, budget: 
     else:
         cfg = resolve(overrides=over)
     trainer = Trainer(cfg, components=comps, dataset=dataset, wiring=wiring)
-    if isinstance(wiring, LoraWiring) and wiring.guard is not None:
-        trainer.guard = wiring.guard  # the frozen tensors and the lock are proven after the job
     info["trainable_params"] = sum(p.numel() for _, p in trainer.named_trainable)
     return trainer, info

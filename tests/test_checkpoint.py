@@ -85,7 +85,7 @@ def test_incomplete_checkpoint_folders_are_never_read(tmp_path):
 
 def test_a_cosine_schedule_pins_its_length_and_ends_at_its_floor(tmp_path):
     from freezeasguard.engine.config import TrainConfig
-    from freezeasguard.engine.train.trainer import lr_factor
+    from freezeasguard.engine.train.schedule import lr_factor
 
     tc = TrainConfig(steps=10, warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
     f = [lr_factor(s, tc) for s in range(14)]

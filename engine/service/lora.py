@@ -6,7 +6,8 @@ merged weight is ``W + (alpha / r) B A``), so a module may take one only if *eve
 tensors is trainable under the guard. ``resolve_lora_targets`` turns a job's target patterns into
 full module names and reports the modules that would undo the freeze; ``LoraWiring`` injects peft
 adapters on exactly the approved modules (one anchored regex, so peft's own name matching cannot
-widen the set) and hands the trainer the adapter tensors only.
+widen the set) and hands the trainer the adapter tensors only, with the guard that proves the
+base untouched.
 
 A module under a direction lock may take an adapter: the wiring projects ``B`` off the locked
 output directions and ``A`` off the locked input directions after every step (``U^T B = 0`` and
@@ -35,6 +36,7 @@ from freezeasguard.engine.optim.groups import param_groups
 from freezeasguard.engine.optim.project import register_lock_hooks
 from freezeasguard.engine.service.delta import lora_delta
 from freezeasguard.engine.service.spec import LoraSpec
+from freezeasguard.engine.train.wiring import Wired
 
 # Module types an adapter can be attached to (peft LoRA layers for these wrap the base layer).
 LORA_MODULE_TYPES = (nn.Linear, nn.Conv2d)
@@ -124,8 +126,9 @@ class LoraWiring:
         modules: full module names, already approved by ``resolve_lora_targets``.
         lora: rank, alpha, dropout.
         train: the job's train settings (optimizer, weight decay, seed).
-        manifest: the freeze in force; with it the trainer proves the frozen tensors afterwards
-            (``guard``) and ``frozen_conv`` runs frozen convolutions without saving their input.
+        manifest: the freeze in force; with it the wiring returns a guard that the trainer proves
+            after the job (frozen tensors bit for bit, the lock from the adapters), and
+            ``frozen_conv`` runs frozen convolutions without saving their input.
         lock: direction locks; adapters on locked modules are projected after every step.
     """
 
@@ -136,16 +139,16 @@ class LoraWiring:
         self.modules, self.lora, self.train = list(modules), lora, train
         self.manifest, self.frozen_conv = manifest, frozen_conv
         self.lock = lock
-        self.guard: TensorGuard | None = None
         self.locked_modules: list[str] = []
 
-    def __call__(self, unet: nn.Module):
+    def __call__(self, unet: nn.Module) -> Wired:
+        guard = None
         if self.manifest is not None or self.lock is not None:
             mask = self.manifest.mask(unet) if self.manifest is not None else FreezeMask.from_names(unet, [])
-            self.guard = TensorGuard("engine", mask, self.manifest, lock=self.lock)
-            enforce(self.guard, unet, frozen_conv=self.frozen_conv)
+            guard = TensorGuard("engine", mask, self.manifest, lock=self.lock)
+            enforce(guard, unet, frozen_conv=self.frozen_conv)
             if self.lock is not None:
-                self.guard.lock_check = self.lock_residuals
+                guard.lock_check = self.lock_residuals
         unet.requires_grad_(False)  # LoRA trains adapters only, whatever the mask allows
         pattern = "^(?:" + "|".join(re.escape(m) for m in self.modules) + ")$"
         torch.manual_seed(self.train.seed)  # adapter init (kaiming A, zero B) is seeded
@@ -172,7 +175,7 @@ class LoraWiring:
                     bases[f"{m}.lora_A.{ADAPTER}.weight"] = (None, lk.inp)
             if bases:  # B starts at zero; A is projected once now, both after every step
                 register_lock_hooks(opt, named, bases, mode="whole")
-        return named, opt
+        return Wired(guard, named, opt)
 
     @torch.no_grad()
     def lock_residuals(self, unet: nn.Module, steps: int) -> list[LockResidual]:

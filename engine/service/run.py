@@ -138,18 +138,16 @@ def _run(plan: JobPlan, record: dict[str, Any], stage: Path) -> JobResult:
         wiring = LoraWiring(plan.lora_modules, plan.spec.lora_settings, cfg.train, manifest=plan.manifest,
                             frozen_conv=cfg.freeze.frozen_conv, lock=plan.lock)
     trainer = Trainer(cfg, components=plan.components, dataset=plan.dataset, wiring=wiring)
-    if wiring is not None:
-        trainer.guard = wiring.guard
     failpoint("training")
     history = trainer.fit()
     # The trainer recorded the staging paths; the published folder names its final ones.
     run_cfg = json.loads((stage / "config.json").read_text())
     atomic_write_json(stage / "config.json", {**run_cfg, "config": plan.config.to_dict()})
     record["train"] = {"steps": trainer.step, "losses": [s.loss for s in history]}
-    enforced = getattr(trainer.guard, "manifest", None)
-    lock_held = plan.lock is None or getattr(trainer.guard, "lock_check", None) is not None or (
-        getattr(trainer.guard, "lock", None) is not None and trainer.guard.lock.entries() == plan.lock.entries())
-    if enforced is None or enforced.digest() != plan.manifest.digest() or not lock_held:
+    guard = trainer.guard  # the one the wiring froze the tensors with
+    lock_held = plan.lock is None or (guard is not None and (guard.lock_check is not None or (
+        guard.lock is not None and guard.lock.entries() == plan.lock.entries())))
+    if guard is None or guard.manifest is None or guard.manifest.digest() != plan.manifest.digest() or not lock_held:
         record["verify"] = _verify_dict(None, "the trainer did not enforce the reviewed manifest and its locks")
     else:
         record["verify"] = _verify_dict(trainer.verify_frozen())

@@ -8,7 +8,6 @@ at the same global batch.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import resource
@@ -20,48 +19,30 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from freezeasguard.engine.version import __version__
-from freezeasguard.engine.config import FinetuneConfig, TrainConfig, from_dict
-from freezeasguard.engine.errors import ConfigError, TrainingError
+from freezeasguard.engine.config import FinetuneConfig
+from freezeasguard.engine.errors import TrainingError
+from freezeasguard.engine.guard.tensor import TensorGuard
 from freezeasguard.engine.io import atomic_write_json
 from freezeasguard.engine.model.attention import set_attention_backend
 from freezeasguard.engine.model.compile import compile_regions
-from freezeasguard.engine.model.components import Components, build_components, load_components, save_components
-from freezeasguard.engine.model.data import load_dataset
+from freezeasguard.engine.model.components import Components, save_components
 from freezeasguard.engine.model.diffusion import diffusion_loss
 from freezeasguard.engine.model.encode import prepare_data
-from freezeasguard.engine.model.presets import get_preset
-from freezeasguard.engine.model.tokenizer import caption_words
-from freezeasguard.engine.optim.groups import describe_groups
 from freezeasguard.engine.train import checkpoint as ckpt
-from freezeasguard.engine.train import update
+from freezeasguard.engine.train import final, update
 from freezeasguard.engine.train.batches import GlobalBatches, step_generator
+from freezeasguard.engine.train.defaults import default_components, default_dataset, resolution_hint
 from freezeasguard.engine.train.distributed import init_distributed
 from freezeasguard.engine.train.fsdp import parallel_for
 from freezeasguard.engine.train.ledger import count_saved_activations, memory_ledger
-from freezeasguard.engine.train.wiring import apply_freeze
+from freezeasguard.engine.train.progress import StepLog
+from freezeasguard.engine.train.resume import checkpoint_state, read_resumable
+from freezeasguard.engine.train.schedule import LRSchedule
+from freezeasguard.engine.train.wiring import Wired, apply_freeze, as_wired, log_wiring
 
 log = logging.getLogger("freezeasguard")
-
-# Settings a resumed run may change: how long it runs and how it reports, not what it learns.
-CHECKPOINT_FORMAT = "freezeasguard.checkpoint/2"
-RESUME_FREE_KEYS = ("out_dir", "train.steps", "train.progress", "train.log_every", "train.checkpoint_every",
-                    "train.keep_checkpoints", "train.device", "train.num_threads")
-
-
-def lr_factor(step: int, tc: TrainConfig) -> float:
-    """The learning rate of ``step`` (from 0) as a fraction of ``tc.lr``: linear warm-up over
-    ``warmup_steps``, then constant, or a half cosine from 1 that reaches ``min_lr_ratio`` at step
-    ``train.steps`` (one step past the last) and stays there if a run goes on."""
-    warm = tc.warmup_steps
-    if warm and step < warm:
-        return (step + 1) / warm
-    if tc.lr_schedule == "cosine":
-        done = min(1.0, (step - warm) / max(1, tc.steps - warm))
-        return tc.min_lr_ratio + (1.0 - tc.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
-    return 1.0
 
 
 @dataclass
@@ -93,12 +74,16 @@ class Trainer:
         cfg: the resolved config.
         components: networks to train (default: built or loaded per ``cfg.model``).
         dataset: an ImageDataset (default: loaded per ``cfg.data``).
-        wiring: builds (trainable named params, optimizer) from the UNet; the freeze engine
-            plugs in here. Default: every UNet tensor trainable, torch AdamW.
+        wiring: ``wiring(unet) -> Wired(guard, named, optimizer)`` (``train.wiring``): freezes what
+            it freezes and builds the optimizer over the trainable tensors, once, on the placed
+            UNet. The guard it returns is the trainer's for the whole run: what ``verify_frozen``
+            proves and ``save_final`` requires. A bare ``(named, optimizer)`` pair is a wiring with
+            no guard, whose final model is refused when ``freeze.manifest`` is set. Default:
+            ``apply_freeze`` (the freeze of ``cfg.freeze``).
     """
 
     def __init__(self, cfg: FinetuneConfig, components: Components | None = None, dataset=None,
-                 wiring: Callable | None = None):
+                 wiring: Callable[[nn.Module], Wired] | None = None):
         self.cfg = cfg.validate()
         tc = cfg.train
         if tc.num_threads:
@@ -115,14 +100,10 @@ class Trainer:
         self.out = Path(cfg.out_dir)
 
         if dataset is None:
-            res = self._resolution_hint(components)
-            dataset = load_dataset(cfg.data.path, res, caption_column=cfg.data.caption_column,
-                                   domains=cfg.data.domains, center_crop=cfg.data.center_crop,
-                                   skip_bad=cfg.data.skip_bad, seed=tc.seed) if cfg.data.path != "digits" \
-                else load_dataset("digits", res, domains=cfg.data.domains)
+            dataset = default_dataset(cfg, resolution_hint(cfg, components))
         self.dataset = dataset
         if components is None:
-            components = self._build_components(dataset)
+            components = default_components(cfg, dataset)
         self.c = self.parallel.place(components)
         want = cfg.model.prediction_type
         if want is not None and want != self.c.schedule.prediction_type:
@@ -141,8 +122,15 @@ class Trainer:
         self.batches = GlobalBatches(len(self.data), tc.batch_size, tc.seed)
 
         self.c.unet.train()
-        self.guard = None  # set by the default wiring (freeze.py); custom wirings may set it too
-        self.named_trainable, self.optimizer = (wiring or self._default_wiring)(self.c.unet)
+        if wiring is None:
+            wired = apply_freeze(self.cfg, self.c.unet, self.device, self.parallel)
+            if self.dist.is_main:
+                log_wiring(wired, cfg.freeze.mode)
+        else:
+            wired = as_wired(wiring(self.c.unet))
+        self._guard: TensorGuard | None = wired.guard
+        self._proof_required = final.proof_required(self.cfg, wired.guard)
+        self.named_trainable, self.optimizer = wired.named, wired.optimizer
         self.trainable = [p for _, p in self.named_trainable]
         update.check_setup(self.optimizer, world=self.dist.world, grad_accum=tc.grad_accum)
         if self.parallel.sharded:  # the UNet reached its device in the wiring: 'auto' attention must see it
@@ -152,7 +140,7 @@ class Trainer:
         self.model: nn.Module = self.c.unet
         if self.dist.world > 1 and not self.parallel.sharded:
             self.model = DDP(self.c.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, tc))
+        self.scheduler = LRSchedule(self.optimizer, tc)
         self.step = 0
         self.history: list[StepStats] = []
         # When set, the next steps record a memory ledger (train/ledger.py) at their peak point:
@@ -160,49 +148,14 @@ class Trainer:
         self.measure_memory = False
         self.last_ledger = None
 
-    # setup -------------------------------------------------------------------------------------
-    def _resolution_hint(self, components: Components | None) -> int:
-        if components is not None:
-            return components.resolution
-        m = self.cfg.model
-        if m.pretrained:
-            index = Path(m.pretrained) / "model_index.json"
-            if index.is_file():
-                r = json.loads(index.read_text()).get("_freezeasguard", {}).get("resolution")
-                if r:
-                    return int(r)
-            if m.resolution:
-                return m.resolution
-            return load_components(m.pretrained).resolution
-        return m.resolution or get_preset(m.preset).resolution
-
-    def _build_components(self, dataset) -> Components:
-        m = self.cfg.model
-        if m.pretrained:
-            return load_components(m.pretrained)
-        return build_components(m.preset, space=m.space, resolution=dataset.resolution,
-                                prediction_type=m.prediction_type,
-                                extra_words=caption_words(dataset.captions), seed=self.cfg.train.seed,
-                                tokenizer=m.tokenizer)
+    @property
+    def guard(self) -> TensorGuard | None:
+        """The freeze in force, as the wiring returned it (read-only: a guard fitted after the
+        wiring would not be the one that froze the tensors)."""
+        return self._guard
 
     def _set_attention(self) -> None:
         set_attention_backend(self.c.unet, self.cfg.model.attention)
-
-    def _default_wiring(self, unet: nn.Module):
-        self.guard, named, opt = apply_freeze(self.cfg, unet, self.device, self.parallel)
-        if self.dist.is_main:
-            if self.guard.mask is not None:
-                log.info("freeze (%s): %s; %d frozen convs without saved input; frozen prefix run without "
-                         "autograd: %s", self.cfg.freeze.mode, self.guard.mask.summary(), self.guard.frozen_convs,
-                         ", ".join(self.guard.prefix) or "none")
-            if self.guard.lock is not None:
-                log.info("direction locks: %d tensors, %s locked degrees of freedom", len(self.guard.lock),
-                         f"{self.guard.lock.dof:,}")
-            if hasattr(opt, "describe"):
-                log.info(opt.describe())
-            else:
-                log.info(describe_groups(opt.param_groups))
-        return named, opt
 
     # checkpoints -------------------------------------------------------------------------------
     @property
@@ -220,11 +173,10 @@ class Trainer:
         and a failed write stops every process with an error."""
         path = self.checkpoint_dir(self.step)
         tensors, opt_state = self.parallel.checkpoint_state(self.named_trainable, self.optimizer)  # FSDP: gathers
+        state = checkpoint_state(self.cfg, [n for n, _ in self.named_trainable], self._tokenizer_id())
         ckpt.save_on_main(self.dist, self.device, lambda: ckpt.write_checkpoint(
             self.checkpoint_root, self.step, tensors={"trainable": tensors},
-            objects={"optimizer": opt_state, "scheduler": self.scheduler.state_dict()},
-            state={"format": CHECKPOINT_FORMAT, "trainable": [n for n, _ in self.named_trainable],
-                   "config": self.cfg.to_dict(), "tokenizer": self._tokenizer_id(), "version": __version__},
+            objects={"optimizer": opt_state, "scheduler": self.scheduler.state_dict()}, state=state,
             keep=self.cfg.train.keep_checkpoints), TrainingError(f"the main process could not write {path}"))
         return path
 
@@ -238,33 +190,11 @@ class Trainer:
         """Load a checkpoint (default: the latest under out_dir); returns its step.
 
         Refused when it was written for other trainable tensors or with settings that change what
-        is learned (only ``RESUME_FREE_KEYS`` may differ). The step log is trimmed to the
-        checkpoint's step, so every step appears in it once.
+        is learned (``train.resume.read_resumable``). The step log is trimmed to the checkpoint's
+        step, so every step appears in it once.
         """
-        found = ckpt.read_checkpoint(path, self.checkpoint_root)
-        if found is None:
-            where = path if path is not None else self.checkpoint_root
-            raise TrainingError(f"no checkpoint to resume from under {where} (a run writes one at its "
-                                "last step and every train.checkpoint_every steps)")
-        if found.state.get("format") != CHECKPOINT_FORMAT:
-            raise TrainingError(f"checkpoint {found.path} was written by another version of freezeasguard (format "
-                                f"{found.state.get('format')!r}, this one reads {CHECKPOINT_FORMAT!r}); start a new run")
-        names = [n for n, _ in self.named_trainable]
-        if found.state.get("trainable") != names:
-            raise TrainingError(f"checkpoint {found.path} was written for a different set of trainable tensors")
-        try:  # keys the checkpoint's version did not have take their defaults
-            theirs = from_dict(FinetuneConfig, found.state.get("config", {})).to_dict()
-        except ConfigError as exc:
-            raise TrainingError(f"checkpoint {found.path}: its config does not parse here ({exc})") from None
-        free = RESUME_FREE_KEYS if self.cfg.train.lr_schedule == "constant" else \
-            tuple(k for k in RESUME_FREE_KEYS if k != "train.steps")  # a cosine's length is part of its shape
-        diff = ckpt.config_differences(self.cfg.to_dict(), theirs, free)
-        if diff:
-            raise TrainingError(f"checkpoint {found.path} was written with other settings: {diff} "
-                                f"(only {list(free)} may change on resume)")
-        if found.state.get("tokenizer") != self._tokenizer_id():
-            raise TrainingError(f"checkpoint {found.path} was written with the tokenizer {found.state.get('tokenizer')}, "
-                                f"this run has {self._tokenizer_id()} (model.tokenizer=auto found another one)")
+        found = read_resumable(path, self.checkpoint_root, self.cfg, [n for n, _ in self.named_trainable],
+                               self._tokenizer_id())
         self.parallel.load_checkpoint(found, self.named_trainable, self.optimizer)
         self.scheduler.load_state_dict(found.object("scheduler", self.device))
         self.step = found.step
@@ -344,29 +274,18 @@ class Trainer:
             atomic_write_json(self.out / "config.json", {"config": self.cfg.to_dict(), "version": __version__,
                                                          "world_size": self.dist.world,
                                                          "device": str(self.device)})
-        bar = None
-        if tc.progress and main:
-            bar = tqdm(total=end, initial=self.step, desc="fine-tuning", unit="step", dynamic_ncols=True)
-        logf = open(self.out / "log.jsonl", "a") if main else None
-        try:
+        bar = "fine-tuning" if tc.progress and main else None
+        with StepLog(self.out / "log.jsonl" if main else None, every=tc.log_every, end=end, start=self.step, desc=bar,
+                     postfix=lambda r: dict(loss=f"{r['loss']:.4f}", gn=f"{r['grad_norm']:.2f}",
+                                            sps=f"{r['samples_per_s']:.1f}")) as steps_log:
             while self.step < end:
                 s = self.train_step()
                 self.history.append(s)
                 if on_step:
                     on_step(s)
-                if logf and (s.step % tc.log_every == 0 or s.step == end):
-                    logf.write(json.dumps(s.to_dict()) + "\n")
-                    logf.flush()
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{s.loss:.4f}", gn=f"{s.grad_norm:.2f}", sps=f"{s.samples_per_s:.1f}")
+                steps_log.record(s.step, s.to_dict())
                 if self._checkpoint_due(s.step, end):
                     self.save_checkpoint()
-        finally:
-            if bar:
-                bar.close()
-            if logf:
-                logf.close()
         return self.history
 
     def _checkpoint_due(self, step: int, end: int) -> bool:
@@ -394,18 +313,16 @@ class Trainer:
         """The fine-tuned model as a Stable-Diffusion-layout folder (written by the main process; under
         FSDP every process calls it, as the shards are gathered).
 
-        Refused, with nothing written, when a frozen tensor is not bit-identical to the base.
+        Refused, with nothing written, when a frozen tensor is not bit-identical to the base, or when
+        the run was given a manifest and no guard proved it (``train.final``).
         """
         path = Path(path) if path else self.out / "final"
         report = self.verify_frozen()
-        if report is not None and not report.ok:
-            raise TrainingError(f"refusing to write {path}: {report.summary()}: "
-                                + "; ".join(report.details[n] for n in report.failures[:10]))
+        why = final.refusal(report, self._proof_required)
+        if why is not None:
+            raise TrainingError(f"refusing to write {path}: {why}")
         state = self.unet_state_for_export()  # every process (FSDP gathers the shards)
         if self.dist.is_main:
-            proof = {} if report is None else {"verify.json": {
-                "ok": report.ok, "summary": report.summary(), "manifest_digest": self.guard.manifest.digest()}}
             with self.parallel.saving(self.c.unet):
-                save_components(self.c, path, unet_state=state, extra_json=proof)
+                save_components(self.c, path, unet_state=state, extra_json=final.proof_files(report, self.guard))
         return path
-

@@ -24,27 +24,65 @@ tolerance, before a final model may be written.
 """
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from freezeasguard.engine.config import FinetuneConfig
-from freezeasguard.engine.errors import ConfigError
+from freezeasguard.engine.errors import ConfigError, TrainingError
 from freezeasguard.engine.guard.prefix import install_prefix_skip
 from freezeasguard.engine.guard.tensor import TensorGuard, build_mask, enforce, frozen_storage_dtype
 from freezeasguard.engine.model.families import family_of
 from freezeasguard.engine.optim.factory import make_optimizer
 from freezeasguard.engine.optim.flat import FlatAdamW
-from freezeasguard.engine.optim.groups import param_groups
+from freezeasguard.engine.optim.groups import describe_groups, param_groups
 from freezeasguard.engine.optim.inbackward import InBackwardAdamW
 from freezeasguard.engine.optim.project import register_lock_hooks
 from freezeasguard.engine.train.fsdp import Parallel
 
+log = logging.getLogger("freezeasguard")
+
+
+class Wired(NamedTuple):
+    """What a wiring hands the trainer, in one value so that none of it can be left behind.
+
+    ``guard``: the freeze in force, which the trainer proves before it writes a final model and
+    whose originals it exports (None: the wiring froze nothing it can prove); ``named``: the
+    trainable tensors by name; ``optimizer``: the optimizer over them.
+    """
+
+    guard: TensorGuard | None
+    named: list[tuple[str, nn.Parameter]]
+    optimizer: Any
+
+
+def as_wired(result: Any) -> Wired:
+    """A wiring's result as ``Wired``; a bare ``(named, optimizer)`` pair is a wiring without a guard."""
+    if isinstance(result, Wired):
+        return result
+    if isinstance(result, tuple) and len(result) == 2:
+        return Wired(None, *result)
+    raise TrainingError(f"a wiring returns Wired(guard, named, optimizer) (engine.train.wiring), got "
+                        f"{type(result).__name__}")
+
+
+def log_wiring(wired: Wired, mode: str) -> None:
+    """What the default wiring set up: the freeze, the locks, the optimizer's groups."""
+    guard, opt = wired.guard, wired.optimizer
+    if guard is not None and guard.mask is not None:
+        log.info("freeze (%s): %s; %d frozen convs without saved input; frozen prefix run without autograd: %s",
+                 mode, guard.mask.summary(), guard.frozen_convs, ", ".join(guard.prefix) or "none")
+    if guard is not None and guard.lock is not None:
+        log.info("direction locks: %d tensors, %s locked degrees of freedom", len(guard.lock), f"{guard.lock.dof:,}")
+    log.info(opt.describe() if hasattr(opt, "describe") else describe_groups(opt.param_groups))
+
 
 def apply_freeze(cfg: FinetuneConfig, unet: nn.Module, device: torch.device,
-                 parallel: Parallel | None = None) -> tuple[TensorGuard, list, Any]:
-    """Freeze per ``cfg.freeze`` and build the optimizer: returns (guard, named trainable, optimizer).
+                 parallel: Parallel | None = None) -> Wired:
+    """Freeze per ``cfg.freeze`` and build the optimizer: the guard, the named trainable tensors
+    and the optimizer.
 
     ``parallel`` (``train.fsdp``): shards the UNet once the freeze is enforced, and gives the flat
     AdamW over the shards; the named trainable tensors are then the sharded parameters."""
@@ -69,7 +107,7 @@ def apply_freeze(cfg: FinetuneConfig, unet: nn.Module, device: torch.device,
         opt = make_optimizer(groups, tc, device)
         if bases:
             register_lock_hooks(opt, named, bases)
-        return guard, named, opt
+        return Wired(guard, named, opt)
 
     enforce(guard, unet, frozen_dtype=frozen_storage_dtype(fc, tc.mixed_precision), frozen_conv=fc.frozen_conv)
     if parallel is not None:
@@ -88,4 +126,4 @@ def apply_freeze(cfg: FinetuneConfig, unet: nn.Module, device: torch.device,
             else parallel.flat_adamw(unet, named, **kw) if parallel is not None else FlatAdamW(named, **kw)
     if fc.prefix_skip:
         guard.prefix = install_prefix_skip(unet, frozen, family_of(unet).forward_stages(unet))
-    return guard, named, opt
+    return Wired(guard, named, opt)
