@@ -1,16 +1,20 @@
 """The README's commands and examples run as written.
 
 The blocks are read from README.md itself, so they cannot drift from what is tested. Only step
-counts are scaled down (``--steps N``, ``--bootstrap-steps N``, ``steps: N`` and ``train.steps=N``
-become N // 10, at least 2) so that the whole newcomer path runs in a few minutes; every command,
-flag, file and folder is the README's own.
+counts are scaled down (``--steps N``, ``--bootstrap-steps N``, ``steps: N`` and ``train.steps=N``):
+the default run gives every count the least that still exercises its command (N // 10, between 2
+and 4, so a run that is resumed or extended still has steps to add), and the slow run (``-m slow``)
+runs the first run at a tenth of its counts; every command, flag, file and folder is the README's own.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -34,32 +38,58 @@ def _commands(text: str) -> list[str]:
     return [ln.split("  #")[0].strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def _fewer_steps(text: str) -> str:
+def _fewer_steps(text: str, most: int = 4) -> str:
+    """Every step count N becomes N // 10, at least 2 and at most ``most``."""
     def scale(m: re.Match) -> str:
-        return f"{m.group(1)}{max(2, int(m.group(2)) // 10)}"
+        return f"{m.group(1)}{min(most, max(2, int(m.group(2)) // 10))}"
 
     return re.sub(r"(--steps |--bootstrap-steps |\bsteps: |train\.steps=)(\d+)", scale, text)
 
 
+def _run(cmd: str, cwd: Path, env: dict, *, in_process: bool, timeout: int = 900) -> subprocess.CompletedProcess:
+    """One README command, in a shell as written, or, for ``freezeasguard ...`` lines, through the
+    console script's own ``main`` in this process (what the script calls; it saves the 5-10 s of
+    importing torch and diffusers that every new process pays)."""
+    argv = shlex.split(cmd)
+    if not in_process or argv[0] != "freezeasguard" or set("|&;<>$`") & set(cmd):
+        return subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    from freezeasguard.engine.cli.main import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(argv[1:])
+    except SystemExit as exc:  # argparse's usage errors
+        rc = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
+
+
 def test_the_two_commands_are_the_ones_ci_runs():
-    main_job, tests = [_commands(t)[0] for lang, t in _blocks("Two commands") if lang == "bash"]
+    main_job, tests, slow = [_commands(t)[0] for lang, t in _blocks("Two commands") if lang == "bash"]
     ci = (ROOT / ".ci" / "run").read_text()
     install, test_cmd = tests.rsplit(" && ", 1)
-    assert install in ci and f"\n{test_cmd} " in ci, (install, test_cmd)
+    assert install in ci and f"\n{test_cmd} " in ci and f"\n{slow} " in ci, (install, test_cmd, slow)
+    assert slow == f"{test_cmd} -m slow"
     assert main_job == f"{install.replace('[all,dev]', '[all]')} && python bench/run.py"
 
 
-@pytest.mark.slow
-def test_first_run_end_to_end_as_written(tmp_path):
+@pytest.mark.parametrize("most", [pytest.param(4, id="least"), pytest.param(10**6, marks=pytest.mark.slow, id="tenth")])
+def test_first_run_end_to_end_as_written(tmp_path, most):
+    """Every command of the first run, in order. The default run calls the console script's ``main``
+    in this process with the least step counts; the slow run starts every command in a shell, as a
+    newcomer does, at a tenth of the README's counts."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     ran = []
     for lang, text in _blocks("A first run, end to end"):
         if lang == "yaml":
             name = text.splitlines()[0].removeprefix("#").strip()
-            (tmp_path / name).write_text(_fewer_steps(text))
+            (tmp_path / name).write_text(_fewer_steps(text, most))
             continue
-        for cmd in _commands(_fewer_steps(text)):
-            out = subprocess.run(cmd, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        for cmd in _commands(_fewer_steps(text, most)):
+            out = _run(cmd, tmp_path, env, in_process=most == 4)
             assert out.returncode == 0, f"{cmd}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
             ran.append((cmd, out))
     assert len(ran) >= 14
@@ -80,7 +110,7 @@ def test_model_families_example_as_written(tmp_path):
     cmds = ["freezeasguard export-digits --out data/digits"]
     cmds += [c for lang, t in _blocks("Model families") if lang == "bash" for c in _commands(_fewer_steps(t))]
     for cmd in cmds:
-        out = subprocess.run(cmd, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        out = _run(cmd, tmp_path, env, in_process=True, timeout=600)
         assert out.returncode == 0, f"{cmd}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     final = tmp_path / "runs/flux/final"
     assert (final / "transformer").is_dir() and (final / "text_encoder_2").is_dir() and (tmp_path / "flux.png").is_file()
