@@ -31,6 +31,8 @@ from torch import nn
 from freezeasguard.engine.errors import MaskError, MaskLearnError
 from freezeasguard.engine.guard.mask import FreezeMask, param_budget
 from freezeasguard.engine.io import atomic_write_json
+from freezeasguard.engine.learn.flat import FlatLayout
+from freezeasguard.engine.learn.groups import MaskGroups
 from freezeasguard.engine.learn.learner import MaskLearner
 
 Shapes = Mapping[str, Sequence[int]]
@@ -174,49 +176,43 @@ class RowMask:
 
 
 # ---------------------------------------------------------------------------------- the learner
+def row_groups(layout: FlatLayout, device: torch.device | str = "cpu") -> MaskGroups:
+    """One decision unit per group (row) of every tensor, over a layout without padding: a row of
+    a row-major tensor is a contiguous element range, i.e. a run of rows of the chunk-1 view."""
+    if layout.chunk != 1:
+        raise MaskLearnError("row groups need chunk=1 (groups are element ranges of the flat buffers)")
+    sizes, owner = [], []
+    for i, (shape, k) in enumerate(zip(layout.shapes, layout.numels)):
+        g = groups_of(shape)
+        sizes += [k // g] * g
+        owner += [i] * g
+    rows = torch.tensor(sizes, dtype=torch.long, device=device)
+    return MaskGroups(rows, rows.double(), tuple(owner))
+
+
 class RowMaskLearner(MaskLearner):
     """The bilevel mask learner with one logit per group (row) instead of per tensor.
 
     Needs ``cfg.chunk == 1`` (no padding: a group is a contiguous element range of the flat
-    buffers, rows being contiguous in row-major storage). The flat update and the mask gradient
-    are the parent's, with a per-element keep factor and per-group dot products.
+    buffers, rows being contiguous in row-major storage). The flat update is the parent's over
+    ``row_groups``, with a per-element keep factor; the mask gradient is one dot product per group.
     """
 
     def __init__(self, model: nn.Module, task, domains, cfg, **kw):
         if cfg.chunk != 1:
             raise MaskLearnError("RowMaskLearner needs chunk=1 (groups are element ranges of the flat buffers)")
-        super().__init__(model, task, domains, cfg, **kw)
-        lay, dev = self.layout, self.device
-        sizes, owner = [], []
-        for i, (shape, k) in enumerate(zip(lay.shapes, lay.numels)):
-            g = groups_of(shape)
-            sizes += [k // g] * g
-            owner += [i] * g
-        self.group_sizes = torch.tensor(sizes, dtype=torch.long, device=dev)
-        self.group_owner = owner  # flat-order tensor index of each group
-        self.rows_per_tensor = self.group_sizes  # segment lengths of the dots: one segment per group
-        self.row_tensor = torch.repeat_interleave(torch.arange(len(sizes), device=dev), self.group_sizes)
-        w = self.group_sizes.double() if cfg.mask.budget_by == "params" else torch.ones(len(sizes), dtype=torch.float64,
-                                                                                        device=dev)
-        self.budget_weights = (w / w.sum()).float()
-        self.numels = self.group_sizes.double()
-        init = float(self.logits.detach()[0])
-        self.logits = torch.full((len(sizes),), init, dtype=torch.float32, device=dev, requires_grad=True)
-        mo = cfg.mask
-        self.mask_optimizer = (torch.optim.Adam([self.logits], lr=mo.lr, foreach=False) if mo.optimizer == "adam"
-                               else torch.optim.SGD([self.logits], lr=mo.lr, foreach=False))
-        self.refresh_theta()
+        super().__init__(model, task, domains, cfg, groups=row_groups, **kw)
 
     def reduced_dots(self) -> torch.Tensor:
         """Per-group ``<theta_d_g, grad_g>`` in fp64 (elementwise product, then segment sums)."""
         prod = (self.theta_d.double() * self.grad.double())
-        return self._all_reduce(torch.segment_reduce(prod, "sum", lengths=self.group_sizes))
+        return self.all_reduce(torch.segment_reduce(prod, "sum", lengths=self.groups.rows))
 
     def group_scores(self) -> dict[str, torch.Tensor]:
         """Logits per tensor (one per group), in model order."""
         x = self.logits.detach().cpu()
         out: dict[str, list[float]] = {n: [] for n in self.layout.names}
-        for g, i in enumerate(self.group_owner):
+        for g, i in enumerate(self.groups.owner):
             out[self.layout.names[i]].append(float(x[g]))
         return {n: torch.tensor(out[n]) for n in self.layout.model_names}
 

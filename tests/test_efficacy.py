@@ -155,7 +155,7 @@ def test_row_learner_dots_and_theta_match_a_per_row_reference(tiny, digits):
     lay = learner.layout
     assert learner.logits.numel() == sum(groups_of(s) for s in lay.shapes)
     # theta = theta_pre - (1 - m_group) * theta_d, elementwise
-    keep = (1 - learner.soft_mask())[learner.row_tensor]
+    keep = (1 - learner.soft_mask())[learner.row_group]
     torch.testing.assert_close(learner.theta, learner.theta_pre - keep * learner.theta_d, rtol=0, atol=1e-6)
     # per-row dots against a loop over the tensors' rows
     learner.backward(7, publisher=True)

@@ -217,7 +217,7 @@ def test_flat_buffers_stay_consistent(tiny):
     learner.fit()
     # theta(m) = theta_pre - (1 - m) theta_d, and the model's weights are theta itself.
     m = learner.soft_mask()
-    keep = (1 - m)[learner.row_tensor]
+    keep = (1 - m)[learner.row_group]
     expect = learner.theta_pre.view(-1, learner.layout.chunk) - keep[:, None] * learner.theta_d.view(-1, learner.layout.chunk)
     torch.testing.assert_close(learner.theta, expect.view(-1), rtol=0, atol=1e-6)
     p = dict(learner.model.named_parameters())["conv_in.weight"]
@@ -296,3 +296,49 @@ def test_a_non_finite_user_gradient_stops_before_any_buffer_changes(tiny):
     with pytest.raises(MaskLearnError, match="gradient norm is (inf|nan) at step 0; nothing was updated"):
         learner.train_step()  # step 0 is a simulated-user step (mask.every=3)
     assert all(torch.equal(getattr(learner, k), v) for k, v in before.items()) and learner.user_steps == 0
+
+
+# ------------------------------------------------------------------------------ decision groups
+def _first_row_and_rest(layout, device="cpu"):
+    """Two units per tensor that spans more than one row of the flat view: its first row, the rest."""
+    from freezeasguard.engine.learn.groups import MaskGroups
+
+    rows, numels, owner = [], [], []
+    for i, (r, k) in enumerate(zip(layout.rows_per_tensor().tolist(), layout.numels)):
+        head = min(k, layout.chunk)
+        parts = [(1, head), (r - 1, k - head)] if r > 1 else [(r, k)]
+        for pr, pk in parts:
+            rows.append(pr)
+            numels.append(pk)
+            owner.append(i)
+    return MaskGroups(torch.tensor(rows, device=device), torch.tensor(numels, dtype=torch.float64, device=device),
+                      tuple(owner))
+
+
+def test_a_learner_decides_on_the_groups_it_is_given():
+    torch.manual_seed(0)
+    task = ToyTask()
+    cfg = from_dict(MaskLearnConfig, {"illegal": ["ill"], "innocent": ["inn"], "steps": 5, "progress": False,
+                                      "chunk": 16, "user": {"lr": 1e-2, "batch_size": 8},
+                                      "mask": {"every": 2, "lr": 0.5, "budget": 0.3}})
+    learner = MaskLearner(Toy(), task, task.domains(), cfg, groups=_first_row_and_rest)
+    lay, groups = learner.layout, learner.groups
+    assert learner.logits.shape == (len(groups),) and len(groups) > len(lay)
+    learner.fit()
+    m = learner.soft_mask()
+    assert len(set(m.tolist())) > len(lay) // 2  # the units of one tensor moved apart
+    # theta(m) = theta_pre - (1 - m_unit) theta_d, one keep factor per unit's rows
+    keep = torch.repeat_interleave(1 - m, groups.rows)
+    view = (-1, lay.chunk)
+    expect = learner.theta_pre.view(view) - keep[:, None] * learner.theta_d.view(view)
+    torch.testing.assert_close(learner.theta, expect.view(-1), rtol=0, atol=1e-6)
+    # the mask gradient is one dot product per unit, against a float64 loop over its rows
+    learner.backward(6, publisher=True)
+    dots = learner.reduced_dots()
+    prod = (learner.theta_d.double() * learner.grad.double()).view(view).sum(1)
+    ref = torch.stack([part.sum() for part in prod.split(groups.rows.tolist())])
+    torch.testing.assert_close(dots, ref, rtol=1e-5, atol=1e-9)
+    # the budget counts each unit's own parameters
+    assert float(learner.mask_stats()["mean_m"]) == pytest.approx(float((m.double() * groups.numels).sum()
+                                                                        / groups.numels.sum()), rel=1e-6)
+    assert learner.all_reduce(torch.ones(3)).tolist() == [1.0, 1.0, 1.0]  # one process: the sum is itself

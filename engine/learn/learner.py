@@ -19,8 +19,6 @@ the diffusion denoiser's (every family), and ``learn.pipeline.learn_mask`` runs 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
@@ -29,16 +27,17 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from freezeasguard.engine.version import __version__
 from freezeasguard.engine.errors import MaskLearnError
 from freezeasguard.engine.guard.mask import FreezeMask
+from freezeasguard.engine.learn import resume
+from freezeasguard.engine.learn.batches import DomainBatches
 from freezeasguard.engine.learn.config import MaskLearnConfig, MaskOptConfig
 from freezeasguard.engine.learn.flat import FlatLayout, apply_mask_ref_
+from freezeasguard.engine.learn.groups import MaskGroups
 from freezeasguard.engine.train import checkpoint as ckpt
-from freezeasguard.engine.train.batches import GlobalBatches, step_generator
 from freezeasguard.engine.train.distributed import DistInfo, init_distributed
+from freezeasguard.engine.train.progress import StepLog
 from freezeasguard.kernels.adamw import clip_coef, global_grad_norm
 from freezeasguard.kernels.mask_update import bilevel_step_
 
@@ -81,6 +80,10 @@ class MaskLearner:
         cfg: the validated config.
         theta_ft: fine-tuned weights by name (default: theta_pre, i.e. ``theta_d = 0``).
         dist: process group info (default: from the torchrun environment).
+        groups: ``groups(layout, device) -> MaskGroups`` (``learn.groups``), the units the mask
+            decides on: one logit, keep factor, dot product and budget share each (default:
+            ``MaskGroups.per_tensor``). ``scores`` and ``export_mask`` read one logit per tensor,
+            so a finer grouping exports through methods of its own.
 
     Attributes:
         step_backend: implementation of the per-step dots/update (``mask_update.bilevel_step_``):
@@ -90,7 +93,8 @@ class MaskLearner:
     step_backend: str = "auto"
 
     def __init__(self, model: nn.Module, task: Task, domains: Sequence[str | None], cfg: MaskLearnConfig,
-                 *, theta_ft: Mapping[str, torch.Tensor] | None = None, dist: DistInfo | None = None):
+                 *, theta_ft: Mapping[str, torch.Tensor] | None = None, dist: DistInfo | None = None,
+                 groups: Callable[[FlatLayout, torch.device], MaskGroups] = MaskGroups.per_tensor):
         self.cfg = cfg.validate()
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
@@ -104,7 +108,7 @@ class MaskLearner:
             raise MaskLearnError(f"mask learning needs fp32 base weights (the manifest pins their bytes); "
                                  f"{len(not_fp32)} tensor(s) are not, e.g. {not_fp32[0]!r}")
         self.task = task
-        self._pools(list(domains))
+        self.samples = DomainBatches(list(domains), self.cfg)
 
         self.model = model.to(self.device).train()
         if cfg.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
@@ -122,14 +126,11 @@ class MaskLearner:
             self.exp_avg_sq = torch.zeros_like(self.theta_pre)
             self.scratch = torch.empty_like(self.theta_pre)  # the update's temporary, reused
         lay.bind(model, self.theta, self.grad)
-        self.rows_per_tensor = lay.rows_per_tensor(dev)
-        self.row_tensor = lay.row_tensor(dev)
-        w = torch.tensor(lay.numels if cfg.mask.budget_by == "params" else [1] * len(lay),
-                         dtype=torch.float64, device=dev)
-        self.budget_weights = (w / w.sum()).float()
-        self.numels = torch.tensor(lay.numels, dtype=torch.float64, device=dev)
+        self.groups = groups(lay, dev)
+        self.row_group = self.groups.row_group()
+        self.budget_weights = self.groups.budget_weights(cfg.mask.budget_by)
 
-        self.logits = torch.full((len(lay),), _budget_logit(cfg.mask), dtype=torch.float32, device=dev,
+        self.logits = torch.full((len(self.groups),), _budget_logit(cfg.mask), dtype=torch.float32, device=dev,
                                  requires_grad=True)
         mo = cfg.mask
         self.mask_optimizer = (torch.optim.Adam([self.logits], lr=mo.lr, foreach=False) if mo.optimizer == "adam"
@@ -143,28 +144,6 @@ class MaskLearner:
         self.refresh_theta()
 
     # setup -------------------------------------------------------------------------------------
-    def _pools(self, domains: list[str | None]) -> None:
-        cfg = self.cfg
-        present = sorted({d for d in domains if d is not None})
-        unknown = [d for d in [*cfg.illegal, *cfg.innocent] if d not in present]
-        if unknown:
-            raise MaskLearnError(f"unknown domain(s) {unknown}; the data has {present}")
-        if not cfg.illegal or not cfg.innocent:
-            raise MaskLearnError("name at least one illegal and one innocent domain")
-        weights = dict(zip(cfg.innocent, cfg.innocent_weights or [1.0] * len(cfg.innocent)))
-        ill = [i for i, d in enumerate(domains) if d in cfg.illegal]
-        inn = [i for i, d in enumerate(domains) if d in weights]
-        b_ill = cfg.illegal_per_batch
-        b_inn = cfg.user.batch_size - b_ill
-        for what, pool, b in (("illegal", ill, b_ill), ("innocent", inn, b_inn)):
-            if len(pool) < b:
-                raise MaskLearnError(f"{len(pool)} {what} sample(s), fewer than the {b} each batch needs")
-        self.pool_ill = torch.tensor(ill, dtype=torch.long)
-        self.pool_inn = torch.tensor(inn, dtype=torch.long)
-        self.weight_inn = torch.tensor([weights[domains[i]] for i in inn], dtype=torch.float64)
-        self.batches_ill = GlobalBatches(len(ill), b_ill, cfg.seed)
-        self.batches_inn = GlobalBatches(len(inn), b_inn, cfg.seed + 1)
-
     def set_finetuned(self, theta_ft: Mapping[str, torch.Tensor]) -> None:
         """``theta_d = theta_pre - theta_ft`` (fp32), then refresh theta(m)."""
         with torch.no_grad():
@@ -174,12 +153,12 @@ class MaskLearner:
 
     # mask state --------------------------------------------------------------------------------
     def soft_mask(self) -> torch.Tensor:
-        """m = sigmoid(x / T), fp32 [n_tensors] in flat order."""
+        """m = sigmoid(x / T), fp32 [n_groups] in flat order (one per tensor by default)."""
         return torch.sigmoid(self.logits.detach() / self.cfg.mask.temperature)
 
     def refresh_theta(self) -> None:
         """Recompute ``theta = theta_pre - (1 - m) * theta_d`` from the logits (after they change)."""
-        self.keep = (1.0 - self.soft_mask())[self.row_tensor].contiguous()
+        self.keep = (1.0 - self.soft_mask())[self.row_group].contiguous()
         apply_mask_ref_(self.theta, self.theta_pre, self.theta_d, self.keep, self.layout.chunk)
 
     def mask_update(self, dots: torch.Tensor) -> None:
@@ -201,22 +180,11 @@ class MaskLearner:
     def step_inputs(self, step: int):
         """This process's share of the global batch of ``step``: indices, random draws, and the
         per-sample coefficients of the user loss, the publisher loss and the two logged losses."""
-        cfg = self.cfg
-        ii = self.batches_ill(step)
-        ni = self.batches_inn(step)
-        idx = torch.cat([self.pool_ill[ii], self.pool_inn[ni]])
-        b_ill, b = len(ii), len(idx)
-        w = self.weight_inn[ni]
-        ill = torch.zeros(b, dtype=torch.float64)
-        ill[:b_ill] = 1.0 / b_ill
-        inn = torch.zeros(b, dtype=torch.float64)
-        inn[b_ill:] = w / w.sum()
-        draws = self.task.draw(step_generator(cfg.seed, step, salt=1), b)
-        mine = slice(self.dist.rank, None, self.dist.world)
-        coefs = torch.stack([ill + inn, -ill + cfg.mask.innocent_weight * inn, ill, inn])[:, mine]
-        return idx[mine], tuple(d[mine] for d in draws), coefs.float().to(self.device)
+        return self.samples.step_inputs(step, self.task, self.dist, self.device)
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the processes, in place (nothing to do on one), and return it: every
+        per-step reduction goes through here, so N processes learn the mask one process learns."""
         return self.dist.all_reduce(t)
 
     def _losses(self, idx: torch.Tensor, draws: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -232,7 +200,7 @@ class MaskLearner:
         self.grad.zero_()
         losses = self._losses(idx, draws)
         (losses * coefs[1 if publisher else 0]).sum().backward()
-        logged = self._all_reduce((losses.detach() * coefs[2:]).sum(1))
+        logged = self.all_reduce((losses.detach() * coefs[2:]).sum(1))
         l_ill, l_inn = logged.tolist()
         if not (math.isfinite(l_ill) and math.isfinite(l_inn)):
             raise MaskLearnError(f"loss is not finite at step {step} (L_illegal {l_ill}, L_innocent "
@@ -240,12 +208,12 @@ class MaskLearner:
         return l_ill, l_inn
 
     def reduced_dots(self) -> torch.Tensor:
-        """Per-tensor ``<theta_d_i, grad_i>`` (fp64, flat order) of the gradient just computed,
+        """Per-group ``<theta_d_i, grad_i>`` (fp64, flat order) of the gradient just computed,
         summed over processes (the dots are linear in the gradient: no full all-reduce needed)."""
         dots = bilevel_step_(self.theta, self.theta_pre, self.theta_d, self.grad, self.exp_avg,
-                             self.exp_avg_sq, self.keep, self.rows_per_tensor, chunk=self.layout.chunk,
+                             self.exp_avg_sq, self.keep, self.groups.rows, chunk=self.layout.chunk,
                              update=False, backend=self.step_backend, **self._adamw_kwargs())
-        return self._all_reduce(dots)
+        return self.all_reduce(dots)
 
     def mask_gradient(self, step: int) -> torch.Tensor:
         """dU/dm of the publisher's data objective ``-L_illegal + lambda L_innocent`` per tensor
@@ -272,7 +240,7 @@ class MaskLearner:
 
     def user_update(self) -> None:
         """All-reduce the flat gradient, clip it, and take the simulated user's AdamW step."""
-        self._all_reduce(self.grad)
+        self.all_reduce(self.grad)
         u = self.cfg.user
         norm = float(global_grad_norm(self.grad))
         if not math.isfinite(norm):  # the losses were finite, yet a step would poison every buffer
@@ -281,7 +249,7 @@ class MaskLearner:
         scale = clip_coef(self.grad, u.max_grad_norm) if u.max_grad_norm is not None else None
         self.user_steps += 1
         bilevel_step_(self.theta, self.theta_pre, self.theta_d, self.grad, self.exp_avg,
-                      self.exp_avg_sq, self.keep, self.rows_per_tensor, chunk=self.layout.chunk,
+                      self.exp_avg_sq, self.keep, self.groups.rows, chunk=self.layout.chunk,
                       grad_scale=scale, dots=False, scratch=self.scratch, backend=self.step_backend,
                       **self._adamw_kwargs())
 
@@ -294,9 +262,10 @@ class MaskLearner:
         """mean(m) as the budget counts it, and the ratios of the hard mask m > 1/2."""
         m = self.soft_mask()
         hard = (m > 0.5).double()
+        numels = self.groups.numels
         return {"mean_m": float((self.budget_weights * m).sum()),
                 "hard_tensors": float(hard.mean()),
-                "hard_params": float((hard * self.numels).sum() / self.numels.sum())}
+                "hard_params": float((hard * numels).sum() / numels.sum())}
 
     # the loop ----------------------------------------------------------------------------------
     def fit(self, steps: int | None = None, on_step: Callable[[dict], None] | None = None) -> list[dict]:
@@ -305,31 +274,19 @@ class MaskLearner:
         end = cfg.steps if steps is None else steps
         main = self.dist.is_main
         work = Path(cfg.work_dir) if cfg.work_dir else None
-        bar = logf = None
-        if cfg.progress and main:
-            bar = tqdm(total=end, initial=self.step, desc="learning mask", unit="step", dynamic_ncols=True)
         if work is not None and main:
             work.mkdir(parents=True, exist_ok=True)
-            logf = open(work / "log.jsonl", "a")
-        try:
+        with StepLog(work / "log.jsonl" if work is not None and main else None, every=cfg.log_every, end=end,
+                     start=self.step, desc="learning mask" if cfg.progress and main else None,
+                     postfix=lambda r: dict(ill=f"{r['L_illegal']:.4f}", inn=f"{r['L_innocent']:.4f}",
+                                            m=f"{r['mean_m']:.3f}")) as steps_log:
             while self.step < end:
                 row = self.train_step()
                 if on_step:
                     on_step(row)
-                if logf and (row["step"] % cfg.log_every == 0 or row["step"] == end):
-                    logf.write(json.dumps(row) + "\n")
-                    logf.flush()
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(ill=f"{row['L_illegal']:.4f}", inn=f"{row['L_innocent']:.4f}",
-                                    m=f"{row['mean_m']:.3f}")
+                steps_log.record(row["step"], row)
                 if work is not None and cfg.checkpoint_every and row["step"] % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-        finally:
-            if bar:
-                bar.close()
-            if logf:
-                logf.close()
         return self.history
 
     # export ------------------------------------------------------------------------------------
@@ -355,14 +312,9 @@ class MaskLearner:
                                       by or mo.budget_by)
 
     # checkpoints -------------------------------------------------------------------------------
-    _STATE_KEYS = ("theta", "theta_d", "exp_avg", "exp_avg_sq", "logits")
-    # Settings that may differ between a checkpoint and the run that resumes it.
-    _FREE_KEYS = ("steps", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "num_threads",
-                  "work_dir", "device")
-
     def theta_pre_sha256(self) -> str:
         if self._theta_pre_sha is None:
-            self._theta_pre_sha = hashlib.sha256(self.theta_pre.detach().cpu().numpy()).hexdigest()
+            self._theta_pre_sha = resume.buffer_sha256(self.theta_pre)
         return self._theta_pre_sha
 
     @property
@@ -374,14 +326,15 @@ class MaskLearner:
     def checkpoint_dir(self, step: int) -> Path:
         return ckpt.checkpoint_dir(self.checkpoint_root, step)
 
+    def _buffer(self, key: str) -> torch.Tensor:
+        return self.logits if key == "logits" else getattr(self, key)
+
     def save_checkpoint(self) -> Path:
         """Logits, both optimizers' states, the flat buffers and the step, as one atomic folder
         (one file per buffer: at most one model-sized buffer is staged in host memory at a time)."""
         root = self.checkpoint_root
-        tensors = {k: {k: (self.logits if k == "logits" else getattr(self, k)).detach()} for k in self._STATE_KEYS}
-        state = {"user_steps": self.user_steps, "names": list(self.layout.names), "numels": list(self.layout.numels),
-                 "chunk": self.layout.chunk, "theta_pre_sha256": self.theta_pre_sha256(),
-                 "config": self.cfg.to_dict(), "history": self.history, "version": __version__}
+        tensors = {k: {k: self._buffer(k).detach()} for k in resume.STATE_KEYS}
+        state = resume.checkpoint_state(self.cfg, self.layout, self.theta_pre_sha256(), self.user_steps, self.history)
         ckpt.save_on_main(self.dist, self.device, lambda: ckpt.write_checkpoint(
             root, self.step, tensors=tensors, state=state, objects={"mask_optimizer": self.mask_optimizer.state_dict()},
             keep=self.cfg.keep_checkpoints), MaskLearnError(f"the main process could not write checkpoint {self.step}"))
@@ -393,26 +346,14 @@ class MaskLearner:
     def resume(self, path: str | Path | None = None) -> int:
         """Load a checkpoint (default: the latest under work_dir); returns its step."""
         root = Path(self.cfg.work_dir or ".") / "checkpoints"
-        found = ckpt.read_checkpoint(path, root)
-        if found is None:
-            raise MaskLearnError(f"no mask-learning checkpoint under {path if path is not None else root}")
-        state = found.state
-        if (state["names"], state["numels"], state["chunk"]) != (list(self.layout.names), list(self.layout.numels),
-                                                                 self.layout.chunk):
-            raise MaskLearnError(f"checkpoint {found.path} was written for a different model or layout")
-        if state["theta_pre_sha256"] != self.theta_pre_sha256():
-            raise MaskLearnError(f"checkpoint {found.path} was written for other base weights")
-        diff = ckpt.config_differences(self.cfg.to_dict(), state["config"], self._FREE_KEYS)
-        if diff:
-            raise MaskLearnError(f"checkpoint {found.path} was written with another config: {diff}")
+        found = resume.read_resumable(path, root, self.cfg, self.layout, self.theta_pre_sha256())
         with torch.no_grad():
-            for k in self._STATE_KEYS:
-                t = found.tensors(k, self.device)[k]
-                (self.logits if k == "logits" else getattr(self, k)).copy_(t)  # in place: views stay bound
+            for k in resume.STATE_KEYS:
+                self._buffer(k).copy_(found.tensors(k, self.device)[k])  # in place: views stay bound
         self.mask_optimizer.load_state_dict(found.object("mask_optimizer", self.device))
-        self.step, self.user_steps = found.step, int(state["user_steps"])
-        self.history = list(state["history"])
-        self.keep = (1.0 - self.soft_mask())[self.row_tensor].contiguous()
+        self.step, self.user_steps = found.step, int(found.state["user_steps"])
+        self.history = list(found.state["history"])
+        self.keep = (1.0 - self.soft_mask())[self.row_group].contiguous()
         if self.dist.is_main and self.cfg.work_dir:
             ckpt.trim_log(Path(self.cfg.work_dir) / "log.jsonl", self.step)
         return self.step
