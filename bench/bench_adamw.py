@@ -26,10 +26,6 @@ if not torch.cuda.is_available():
     # Lets the package report Triton as runnable on CPU (the fused case is still skipped here).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adamw_cases import (  # noqa: E402
     DEVICE,
     FRACTIONS,

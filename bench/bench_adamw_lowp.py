@@ -28,14 +28,10 @@ launches known or profiled CUDA kernels, device and versions.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adamw_cases import (  # noqa: E402
+from adamw_cases import (
     DEVICE,
     SD15_NUMEL,
     layout,
@@ -45,9 +41,9 @@ from adamw_cases import (  # noqa: E402
     tensor_groups,
 )
 
-from freezeasguard.engine.backends import bitsandbytes_backend, triton_backend  # noqa: E402
-from freezeasguard.kernels.adamw import fused_adamw_  # noqa: E402
-from freezeasguard.kernels.adamw_lowp import (  # noqa: E402
+from freezeasguard.engine.backends import bitsandbytes_backend, triton_backend
+from freezeasguard.kernels.adamw import fused_adamw_
+from freezeasguard.kernels.adamw_lowp import (
     adamw_8bit_,
     adamw_bf16_states_,
     bytes_per_element_lowp,

@@ -19,18 +19,14 @@ are taken; profiled CUDA kernels for both providers on CUDA); device; versions.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adamw_cases import layout, profiled_cuda_kernels, record_timing, sync  # noqa: E402
+from adamw_cases import layout, profiled_cuda_kernels, record_timing, sync
 
 from freezeasguard.engine.backends import triton_backend
 from freezeasguard.engine.learn.flat import FlatLayout
-from freezeasguard.kernels.mask_update import bilevel_step_, bytes_moved, launch_config  # noqa: E402
+from freezeasguard.kernels.mask_update import bilevel_step_, bytes_moved, launch_config
 
 SD15_NUMEL = 859_520_964
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

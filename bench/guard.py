@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,8 +30,6 @@ from typing import Any
 import torch
 
 BENCH = Path(__file__).resolve().parent
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
 
 log = logging.getLogger("freezeasguard")
 
@@ -171,8 +168,7 @@ def run_suite(plan, args, work: Path, progress: bool) -> dict[str, Any]:
 
     # 4. base evaluation and the simulated users
     stages.say("simulated users")
-    ctx = Context(base=str(base_dir), recogniser=str(rec_dir), world=world_kw, bench_dir=str(BENCH),
-                  threads=args.threads)
+    ctx = Context(base=str(base_dir), recogniser=str(rec_dir), world=world_kw, threads=args.threads)
     runner = Runner(ctx, work / "runs", args.workers, json.dumps(base_tag, sort_keys=True, default=str), progress)
     base_eval = _evaluate_base(world, base, rec_dir, plan)
     job_list = (cap_jobs if caps else jobs)(plan, world.settings, mask_path)
@@ -247,8 +243,6 @@ def _mask_worker(job) -> int:
     name, specs, plan, world_kw, base_dir, work = job
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
     from guard_masks import MaskMaker
     from guard_setup import build_world
 

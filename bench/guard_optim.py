@@ -15,14 +15,11 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import multiprocessing as mp
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
 
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("Adam lr 0.05 (the default)", {}),

@@ -12,7 +12,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -69,7 +68,6 @@ class Context:
     base: str
     recogniser: str
     world: dict[str, Any]  # build_world kwargs
-    bench_dir: str
     threads: int = 1
 
 
@@ -79,8 +77,6 @@ _STATE: dict[str, Any] = {}
 def _init(ctx: Context) -> None:
     """Worker initialiser: one thread, the world, base model and recogniser loaded once."""
     torch.set_num_threads(ctx.threads)
-    if ctx.bench_dir not in sys.path:
-        sys.path.insert(0, ctx.bench_dir)
     import logging
     import warnings
 

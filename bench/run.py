@@ -28,16 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import conditions, conditions_markdown, markdown_table, write_results
+from plan import main as plan_main
+from savings import curves_main, savings_main
+from suite import COLUMNS, COLUMNS_LEGEND, LOCK_COLUMNS, LOCK_LEGEND, run_suite, suite_scenarios
 
 from freezeasguard.engine.model.components import build_components
 from freezeasguard.engine.model.data import digits_dataset
 from freezeasguard.engine.model.tokenizer import caption_words
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import conditions, conditions_markdown, markdown_table, write_results  # noqa: E402
-from plan import main as plan_main  # noqa: E402
-from savings import curves_main, savings_main  # noqa: E402
-from suite import COLUMNS, COLUMNS_LEGEND, LOCK_COLUMNS, LOCK_LEGEND, run_suite, suite_scenarios  # noqa: E402
 
 
 def run_optimizer_suite(args) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import percentiles  # noqa: E402  (bench/ is on sys.path: run.py puts it there)
+from common import percentiles
 
 from freezeasguard.engine.config import resolve
 from freezeasguard.engine.guard.manifest import Manifest
