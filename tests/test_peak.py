@@ -48,9 +48,10 @@ SETUPS = {
 # What the ledger leaves out of its model: the step's transients that are neither saved activations
 # nor gradients (the forward's unsaved intermediates, backward's gradients of activations, the
 # optimizer step's working memory, at most one gradient chunk allocated ahead of its gradients).
-# Measured on this tiny setup they stay under 12% of the peak; what outlives a step is modelled
-# exactly (tested byte for byte below).
-TOLERANCE = 0.12
+# Measured here they are 2.2-3.8% of the peak (the small preset at 64 px, batch 4: 0.5-3.6%); what
+# outlives a step is modelled exactly (tested byte for byte below). Memory is deterministic, so
+# the bound is a measured margin, not noise.
+TOLERANCE = 0.06
 
 
 @pytest.fixture(scope="module")
