@@ -77,7 +77,11 @@ def test_genuine_deltas_merge_as_their_jobs_made_them(jobs, one_thread):
         got = _merge(jobs, jobs.outs[name])
         assert all(torch.equal(got[n], want[n]) for n in want)
         assert any(not torch.equal(got[n], jobs.pub.base_state[n]) for n in got)
-    assert read_signed_delta(jobs.outs["lora"], jobs.log, jobs.key).record["method"]["alpha"] == 2.0
+    # The scale the merge takes is all in the signed record: method, rank, alpha, steps, lr, manifest.
+    rec = read_signed_delta(jobs.outs["lora"], jobs.log, jobs.key).record
+    assert (rec["method"]["name"], rec["method"]["rank"], rec["method"]["alpha"]) == ("lora", 2, 2.0)
+    assert rec["train"]["steps"] == 1 and rec["spec"]["train"]["lr"] == rec["config"]["train"]["lr"]
+    assert rec["manifest"]["digest"] == jobs.pub.manifest.digest()
 
 
 def test_edited_lora_alpha_is_refused(jobs, tmp_path):  # red team #3
