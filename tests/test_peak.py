@@ -91,3 +91,25 @@ def test_the_engine_peak_is_below_naive_and_full(measured):
     peak = {n: measured[n][2].peak_bytes for n in measured}
     assert peak["engine"] < peak["naive"] < peak["full"]
     assert peak["engine+inbackward+8bit"] < peak["engine+8bit"] < peak["engine"]
+
+
+@pytest.mark.slow
+def test_on_the_small_preset_the_engine_default_peaks_under_060_full_and_085_naive(tmp_path):
+    """The engine's goal, on the bench's own setup (bench/suite.py: small preset, 64 px, batch 4,
+    bf16 autocast, 50% of parameters frozen by a seeded random mask), measured on the second step."""
+    import argparse
+
+    from suite import Scenario, build_trainer, step_roots
+
+    from freezeasguard.engine.model.data import digits_dataset
+
+    args = argparse.Namespace(preset="small", resolution=64, batch=4, dtype="bf16", steps=1, warmup=1, lr=1e-4,
+                              classes=2, seed=0)
+    data = digits_dataset(64, classes=[0, 1])
+    peak = {}
+    for sc in (Scenario("full", "full", 0.0), Scenario("naive", "naive", 0.5), Scenario("engine", "engine", 0.5)):
+        tr = build_trainer(sc, args, data, tmp_path)
+        tr.train_step()
+        peak[sc.name] = measure_step_peak(tr.train_step, step_roots(tr), tr.device)[1].peak_bytes
+        del tr
+    assert peak["engine"] <= 0.60 * peak["full"] and peak["engine"] <= 0.85 * peak["naive"], peak
