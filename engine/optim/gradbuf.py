@@ -13,7 +13,8 @@ Inside a step each trainable tensor's ``.grad`` is a view of its chunk, bound be
 accumulates (a tensor hook on the parameter runs before its ``AccumulateGrad``), so accumulation
 over micro-batches and DDP's copy of the reduced gradient stay in place, as with one buffer. A
 ``.grad`` set by hand before its chunk exists is copied in. Ranges the optimizer steps lie inside
-one chunk: the locked tensors (stepped by lock chunks) share the first one.
+one chunk: the locked tensors (stepped by lock chunks) share the first one. A ``.grad`` set or
+replaced by hand is what the step reads, as for torch's optimizers (``bind``).
 
 ``persistent=True`` keeps one buffer for the optimizer's life (FSDP2 binds its sharded gradients
 to it once), zeroed instead of released: the earlier behaviour, bit for bit.
@@ -25,7 +26,6 @@ import functools
 import torch
 from torch import nn
 
-from freezeasguard.engine.errors import TrainingError
 from freezeasguard.kernels.adamw import global_grad_norm
 
 DEFAULT_CHUNKS = 64  # bench savings (small, 64 px, batch 4, 50% frozen): peak 184.7 MiB at 16 chunks, 181.6 at 64
@@ -90,21 +90,27 @@ class StepGradients:
         return None  # the gradient itself is unchanged
 
     def bind(self) -> None:
-        """Before the gradients are read: allocate chunks for ``.grad`` set by hand (their values are
-        copied in) and refuse a ``.grad`` rebound away from an allocated chunk."""
-        for c, buf in enumerate(self.buffers):
-            if buf is None:
-                if any(self.params[i].grad is not None for i in self.members[c]):
-                    self._allocate(c)
-                continue
-            lo = self.ranges[c][0]
-            for i in self.members[c]:
-                p, (name, off, _) = self.params[i], self.segments[i]
-                g = p.grad
-                want = buf.data_ptr() + (off - lo) * buf.element_size()
-                if g is None or g.data_ptr() != want:
-                    raise TrainingError(f"the gradient of {name!r} is no longer a view of the optimizer's gradient "
-                                        "buffer (set to None or replaced within the step): nothing was updated")
+        """Before the gradients are read, make the chunks say what ``.grad`` says: a ``.grad`` set
+        or replaced by hand is copied into its chunk (allocated if need be) and bound to it again;
+        one set to None reads as zero, as AdamW's missing gradient."""
+        with torch.no_grad():
+            for c, buf in enumerate(self.buffers):
+                if buf is None:
+                    if any(self.params[i].grad is not None for i in self.members[c]):
+                        self._allocate(c)
+                    continue
+                lo = self.ranges[c][0]
+                for i in self.members[c]:
+                    p, (_, off, n) = self.params[i], self.segments[i]
+                    view = buf[off - lo:off - lo + n].view_as(p)
+                    g = p.grad
+                    if g is None:
+                        view.zero_()
+                    elif g.data_ptr() != view.data_ptr():
+                        view.copy_(g)
+                    else:
+                        continue
+                    p.grad = view
 
     def release(self) -> None:
         """After the update: chunks freed and ``.grad`` None (persistent: zeroed in place)."""
