@@ -1,6 +1,4 @@
 import os
-import sys
-from pathlib import Path
 
 # Triton kernels run on CPU only through the interpreter, which must be chosen before any
 # @triton.jit function is defined.
@@ -11,11 +9,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Benchmark-only code (efficacy metrics, simulated users, real-data loaders, row masks) lives in
-# bench/ and is imported as top-level modules there, as the benchmark scripts do.
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
 
 
 def pytest_collection_modifyitems(config, items):

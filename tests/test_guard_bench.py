@@ -4,19 +4,17 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.slow
 def _rate(run, step):
     return next(c["rate"] for c in run["curve"] if c["step"] == step)
 
 
+@pytest.mark.slow
 def test_quick_suite_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))  # bench/run.py does the same before dispatching
     from efficacy import mitigation
     from guard import main
     from guard_caps import guards
@@ -100,7 +98,6 @@ def test_quick_suite_end_to_end(tmp_path, monkeypatch):
 
 
 def test_world_from_an_image_folder_keeps_targets_out_of_pretraining(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
     from guard_setup import build_world
 
     from freezeasguard.engine.model.data import digits_dataset, write_image_folder
@@ -117,7 +114,6 @@ def test_world_from_an_image_folder_keeps_targets_out_of_pretraining(tmp_path, m
 
 
 def test_the_tensor_mask_study_keeps_its_plan(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
     from guard_plan import PLANS, jobs, mask_specs
     from guard_setup import Setting
 

@@ -43,6 +43,7 @@ from freezeasguard.engine.model.components import Components, load_components
 from freezeasguard.engine.model.data import ImageDataset, load_dataset
 from freezeasguard.engine.optim.flat import FlatAdamW
 from freezeasguard.engine.train.trainer import Trainer
+from freezeasguard.engine.train.wiring import Wired
 
 log = logging.getLogger("freezeasguard")
 MANIFEST, LOCKS, REPORT = "manifest.json", "manifest.locks.safetensors", "report.json"
@@ -59,7 +60,8 @@ class LockResult:
 
 class _LockedWiring:
     """Trainer wiring: every tensor but the mask's frozen ones trainable, flat AdamW projecting the
-    locked tensors' updates (exactly the service's engine path under a lock)."""
+    locked tensors' updates (exactly the service's engine path under a lock). The publisher's own
+    simulated user: no manifest, so no guard to prove (``Wired(None, ...)``)."""
 
     def __init__(self, lock: SubspaceLock, frozen: frozenset[str], tc: TrainConfig):
         self.lock, self.frozen, self.tc = lock, frozen, tc
@@ -69,8 +71,8 @@ class _LockedWiring:
             p.requires_grad_(n not in self.frozen)
         named = [(n, p) for n, p in unet.named_parameters() if n not in self.frozen]
         tc = self.tc
-        return named, FlatAdamW(named, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
-                                weight_decay=tc.weight_decay, locks=self.lock.bases())
+        return Wired(None, named, FlatAdamW(named, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
+                                            weight_decay=tc.weight_decay, locks=self.lock.bases()))
 
 
 def finetune_delta(c: Components, ds: ImageDataset, lock: SubspaceLock, frozen: frozenset[str],
