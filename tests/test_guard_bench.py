@@ -1,6 +1,5 @@
 """The guard efficacy benchmark's --quick suite runs every stage and writes complete results."""
 import json
-from pathlib import Path
 
 import pytest
 
