@@ -172,3 +172,31 @@ def test_cuda_allocator_peaks_are_reported():
     n = sum(p.numel() for p in model.parameters())
     assert led.device.startswith("cuda") and led.grad_bytes == 4 * n
     assert led.cuda_max_reserved >= led.cuda_max_allocated >= 16 * n
+
+
+def test_the_peak_model_counts_gradients_once_and_the_flat_buffers_padding():
+    from freezeasguard.engine.optim.flat import FlatAdamW
+
+    lin = nn.Sequential(nn.Linear(10, 30), nn.Linear(30, 3))
+    torch_opt = torch.optim.AdamW(lin.parameters(), lr=1e-3)
+    lin(torch.randn(2, 10)).sum().backward()
+    torch_opt.step()
+    led = memory_ledger(lin, torch_opt, saved_activation_bytes=1000)
+    n = sum(p.numel() for p in lin.parameters())
+    # set_to_none gradients: allocated in the step, while backward frees the activations
+    assert not led.grads_between_steps and led.grad_bytes == 4 * n
+    assert led.held_bytes == 4 * n + led.optimizer_state_bytes
+    assert led.peak_bytes == led.held_bytes + max(1000, 4 * n) and led.peak_bytes < led.total_bytes
+    assert memory_ledger(lin).grads_between_steps  # no optimizer: the gradients found are what is held
+
+    net = nn.Sequential(nn.Linear(10, 30), nn.Linear(30, 3))
+    opt = FlatAdamW(list(net.named_parameters()), lr=1e-3, states="8bit", backend="torch")
+    net(torch.randn(2, 10)).sum().backward()
+    opt.step()
+    led = memory_ledger(net, opt, saved_activation_bytes=1000)
+    slots = opt.flat.numel()
+    assert slots % 256 == 0 and led.weight_padding_bytes == 4 * (slots - n) > 0
+    assert led.code_table_bytes == 4 * (256 + 255) * 2 and not led.grads_between_steps
+    assert led.held_bytes == led.weight_bytes + led.weight_padding_bytes + led.optimizer_state_bytes + \
+        led.code_table_bytes
+    assert "flat buffer padding" in led.table() and "peak (model)" in led.table()
