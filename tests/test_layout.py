@@ -155,3 +155,28 @@ def test_files_stay_small(folder):
     big = {str(p.relative_to(ROOT)): n for p in (ROOT / folder).rglob("*.py")
            if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not big, f"files over {MAX_LINES} lines (usually two jobs): {big}"
+
+
+# Test files that check the project as a whole rather than one module.
+WHOLE_PROJECT_TESTS = {"layout", "packaging", "readme", "redteam", "redteam_delta", "redteam_inputs", "families_e2e"}
+
+
+def test_every_test_file_is_named_after_what_it_tests():
+    """``tests/test_<name>.py``: ``<name>`` starts with a module's name, or its subpackage's and then
+    its own (``test_optim_flat`` for engine/optim/flat.py, ``test_bench_guard`` for bench/guard.py), or
+    a subpackage's (``test_cli_tree``); the whole-project suites are listed above."""
+    units = set()
+    for folder in (ROOT / "engine", ROOT / "kernels", ROOT / "bench"):
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            pkg = parts[-2] if len(parts) > 1 else ""
+            units |= {parts[-1], f"{pkg}_{parts[-1]}", pkg} - {"", "__init__", "__main__"}
+    bad = []
+    for test in sorted((ROOT / "tests").glob("test_*.py")):
+        name = test.stem.removeprefix("test_")
+        if name in WHOLE_PROJECT_TESTS:
+            continue
+        words = name.split("_")
+        if not any("_".join(words[:i]) in units for i in range(1, len(words) + 1)):
+            bad.append(test.name)
+    assert not bad, f"test files that name no module (rename them, or list a whole-project suite): {bad}"

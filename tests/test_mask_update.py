@@ -1,7 +1,7 @@
 """The fused mask-learning step (Triton; on CPU in the interpreter) against its torch reference.
 
 The reference, ``mask_flat.bilevel_step_ref_``, is itself checked against torch.optim.AdamW in
-``test_mask_flat.py``; here the kernel must reproduce it buffer for buffer, and its dots must be
+``test_learn_flat.py``; here the kernel must reproduce it buffer for buffer, and its dots must be
 within the fp32 summation bound of the exact (fp64) per-tensor dot products.
 """
 from __future__ import annotations

@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 import yaml
-from test_jobs import FROZEN_ATTN as ATTN
-from test_jobs import LORA_TARGETS, publish
+from test_service_run import FROZEN_ATTN as ATTN
+from test_service_run import LORA_TARGETS, publish
 
 from freezeasguard.engine.errors import ConfigError, JobError, MergeError, PolicyViolation
 from freezeasguard.engine.guard.manifest import Manifest

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_jobs import FROZEN, FROZEN_ATTN, LORA_TARGETS, publish
+from test_service_run import FROZEN, FROZEN_ATTN, LORA_TARGETS, publish
 
 from freezeasguard.engine.errors import MergeError
 from freezeasguard.engine.guard.manifest import Manifest

@@ -18,7 +18,7 @@ import zlib
 
 import pytest
 from PIL import Image, ImageFile
-from test_jobs import publish
+from test_service_run import publish
 
 from freezeasguard.engine.errors import DatasetError, PolicyViolation
 from freezeasguard.engine.model import data as D

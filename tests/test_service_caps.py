@@ -10,7 +10,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_jobs import publish
+from test_service_run import publish
 from test_redteam import _refused, _snapshot
 
 from freezeasguard.engine.errors import ConfigError, JobError, PolicyViolation

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from test_jobs import publish
+from test_service_run import publish
 
 from freezeasguard.engine.errors import JobError, PolicyViolation
 from freezeasguard.engine.service import run as run_mod

@@ -141,7 +141,7 @@ def test_magnitude_scores_rank_relative_change_and_survive_zero_init():
 
 
 def test_saliency_finds_the_illegal_only_tensors_of_the_toy():
-    from test_masklearn import ILLEGAL_TENSORS, Toy, ToyTask
+    from test_learner import ILLEGAL_TENSORS, Toy, ToyTask
 
     from freezeasguard.engine.config import from_dict
     from freezeasguard.engine.learn.baselines import saliency_scores

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from test_jobs import LORA_TARGETS, publish
+from test_service_run import LORA_TARGETS, publish
 from test_subspace import mixed_lock
 
 from freezeasguard.engine.errors import JobError, ManifestError, MergeError, PolicyViolation

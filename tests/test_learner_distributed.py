@@ -5,7 +5,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_masklearn import _cfg, _learner, tiny  # noqa: F401  (tiny is a fixture)
+from test_learner import _cfg, _learner, tiny  # noqa: F401  (tiny is a fixture)
 
 from freezeasguard.engine.model.components import build_components
 from freezeasguard.engine.model.data import digits_dataset

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_jobs import LORA_TARGETS, publish
+from test_service_run import LORA_TARGETS, publish
 
 from freezeasguard.engine.errors import MergeError
 from freezeasguard.engine.io import file_sha256, save_safetensors_atomic
