@@ -45,3 +45,15 @@ def test_guarded_bf16_training_holds_no_host_copies_and_still_proves(tmp_path):
         live.view(-1)[0] += 1.0
     bad = tr.verify_frozen()
     assert not bad.ok and name in bad.hash_mismatch
+
+
+def test_the_streamed_file_is_a_safetensors_file_with_every_dtype_and_shape():
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    t = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).double(),
+         "c": torch.randn(2, 2, 2, generator=g).half()}
+    o = FrozenOriginals.spill(t, torch.bfloat16)
+    assert list(o) == ["a", "b", "c"]
+    back = load_file(str(o.path))
+    assert all(torch.equal(back[n], t[n]) and back[n].dtype == t[n].dtype for n in t)

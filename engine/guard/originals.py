@@ -13,7 +13,9 @@ manifest, so a file changed on disk fails the proof like a changed tensor does.
 """
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 import tempfile
 import weakref
 from pathlib import Path
@@ -21,7 +23,25 @@ from typing import Iterator, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file written one tensor at a time: the header (8-byte little-endian length,
+    JSON with each tensor's dtype, shape and byte range), then each tensor's bytes in turn, so the
+    host holds one tensor's bytes at most (``safetensors.torch.save_file`` stages all of them)."""
+    header, off = {}, 0
+    for n, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[n] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for t in tensors.values():
+            f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 class FrozenOriginals:
@@ -35,16 +55,15 @@ class FrozenOriginals:
     @classmethod
     def spill(cls, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> "FrozenOriginals":
         """Write the values of ``tensors`` that ``dtype`` does not hold exactly to a private file
-        (removed with this object). The tensors are read as they are; nothing is copied in RAM
-        beyond what the file write stages, one tensor at a time for a CPU tensor."""
-        keep = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()
-                if not torch.equal(t.detach().to(dtype).to(t.dtype), t.detach())}
+        (removed with this object), one tensor at a time: nothing of them is copied in RAM beyond
+        the one tensor being written."""
+        keep = {n: t for n, t in tensors.items() if not torch.equal(t.detach().to(dtype).to(t.dtype), t.detach())}
         out = cls(names=tuple(sorted(keep)))
         if keep:
             out._dir = Path(tempfile.mkdtemp(prefix="freezeasguard-originals-"))
             weakref.finalize(out, shutil.rmtree, out._dir, True)
             out.path = out._dir / "frozen_originals.safetensors"
-            save_file(keep, str(out.path))
+            _write_safetensors(out.path, keep)
         return out
 
     @classmethod
