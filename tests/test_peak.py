@@ -113,3 +113,19 @@ def test_on_the_small_preset_the_engine_default_peaks_under_060_full_and_085_nai
         peak[sc.name] = measure_step_peak(tr.train_step, step_roots(tr), tr.device)[1].peak_bytes
         del tr
     assert peak["engine"] <= 0.60 * peak["full"] and peak["engine"] <= 0.85 * peak["naive"], peak
+
+
+@pytest.mark.gpu
+def test_the_cuda_peak_counts_what_the_roots_hold_once_and_the_step_above_its_start():
+    dev = torch.device("cuda")
+    lin = torch.nn.Linear(256, 256, device=dev)
+    other = torch.empty(1 << 20, device=dev)  # allocated, but no root reaches it: not this setup's
+
+    def step():
+        a = torch.empty(1 << 20, device=dev)  # 4 MiB
+        b = torch.empty(1 << 19, device=dev)  # 6 MiB live: the peak
+        del a, b
+
+    _, pk = measure_step_peak(step, [lin], dev)
+    assert pk.held_at_start == 4 * (256 * 256 + 256) and pk.above_start == 6 * MiB
+    del other
