@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import refuse_dirty_results
 
 BENCH = Path(__file__).resolve().parent
 
@@ -71,6 +72,7 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(work)
     committed = {"default": BENCH / "results" / "guard", "tensors": BENCH / "results" / "guard" / "tensors"}
     out = Path(args.out) if args.out else committed.get(suite, work / "results")
+    refuse_dirty_results(out)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

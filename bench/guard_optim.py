@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
 
-    from common import conditions, conditions_markdown
+    from common import conditions, conditions_markdown, refuse_dirty_results
+    refuse_dirty_results(args.out)
     from guard_plan import DEFAULT
 
     from freezeasguard.engine.io import atomic_write_json, atomic_write_text

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import conditions, conditions_markdown, markdown_table, write_results
+from common import conditions, conditions_markdown, markdown_table, refuse_dirty_results, write_results
 
 from freezeasguard.engine.config import resolve
 from freezeasguard.engine.errors import ConfigError
@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "plan"),
                    help="folder for plan.md, plan.json and plan.png (default: bench/results/plan)")
     args = p.parse_args(argv)
+    refuse_dirty_results(args.out)
     presets = tuple(x.strip() for x in args.presets.split(",") if x.strip())
     if not 0.0 <= args.frozen <= 1.0:
         p.error(f"--frozen must be in [0, 1], got {args.frozen}")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import conditions, conditions_markdown, markdown_table, write_results
+from common import conditions, conditions_markdown, markdown_table, refuse_dirty_results, write_results
 from plan import SETUPS
 
 from freezeasguard.engine.config import resolve
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "plan"),
                    help="folder for step.md and step.json (default: bench/results/plan)")
     args = p.parse_args(argv)
+    refuse_dirty_results(args.out)
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
     unknown = [s for s in setups if s not in SETUP_NAMES]
     if unknown or not setups:

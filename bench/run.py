@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import conditions, conditions_markdown, markdown_table, write_results
+from common import conditions, conditions_markdown, markdown_table, refuse_dirty_results, write_results
 from plan import main as plan_main
 from savings import curves_main, savings_main
 from suite import COLUMNS, COLUMNS_LEGEND, LOCK_COLUMNS, LOCK_LEGEND, run_suite, suite_scenarios
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="savings: include the regional torch.compile scenario (default: on CUDA only; on CPU "
                         "its first step compiles for minutes and later steps run as fast as eager)")
     args = p.parse_args(argv)
+    refuse_dirty_results(args.out)
     logging.basicConfig(level=logging.WARNING)
     cuda = torch.cuda.is_available()
     args.preset = args.preset or ("sd15" if cuda else "small")

@@ -93,3 +93,22 @@ def test_bench_savings_suite_puts_every_option_side_by_side(tmp_path):
     assert both["peak_vs_full"] < eng["peak_vs_full"] < 1
     assert rows["engine@down"]["prefix"][:3] == ["time_proj", "time_embedding", "conv_in"]
     assert rows["engine-noprefix@down"]["prefix"] == []
+
+
+def test_results_are_not_written_into_bench_results_from_a_dirty_tree(tmp_path, monkeypatch):
+    import common
+
+    monkeypatch.delenv(common.ALLOW_DIRTY, raising=False)
+    monkeypatch.setattr(common, "git_commit", lambda: "abc1234+dirty")
+    for inside in (common.RESULTS, common.RESULTS / "cpu-small"):
+        with pytest.raises(SystemExit, match="uncommitted changes"):
+            common.refuse_dirty_results(inside)
+    with pytest.raises(SystemExit):  # the writers refuse too, before touching the folder
+        common.write_results(common.RESULTS / "_never", "x", {}, "")
+    assert not (common.RESULTS / "_never").exists()
+    common.refuse_dirty_results(tmp_path)  # anywhere else: fine
+    monkeypatch.setenv(common.ALLOW_DIRTY, "1")
+    common.refuse_dirty_results(common.RESULTS)  # told so
+    monkeypatch.setattr(common, "git_commit", lambda: "abc1234")
+    monkeypatch.delenv(common.ALLOW_DIRTY)
+    common.refuse_dirty_results(common.RESULTS)  # a clean tree
