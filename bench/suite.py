@@ -220,6 +220,8 @@ COLUMNS = [("scenario", "scenario"), ("frozen_params", "frozen params"), ("froze
            ("weights_mib", "weights MiB"), ("grads_mib", "grads MiB"), ("optimizer_mib", "optim MiB"),
            ("static_mib", "static MiB"), ("static_vs_full", "static/full"), ("static_vs_naive", "static/naive"),
            ("activations_mib", "saved act MiB"), ("act_vs_naive", "act/naive"),
+           ("measured_peak_mib", "measured peak MiB"), ("measured_peak_vs_full", "measured peak/full"),
+           ("measured_peak_vs_naive", "measured peak/naive"),
            ("step_ms_p50", "step ms (p50)"), ("time_vs_full", "time/full"), ("time_vs_naive", "time/naive")]
 
 
@@ -233,7 +235,9 @@ COLUMNS_LEGEND = (
     "the step's peak (after backward and the optimizer step, before gradients are zeroed): *weights*, *grads* "
     "and *optim* (optimizer state) in MiB, each storage counted once; *static* = weights + grads + optim; *saved "
     "act* = the bytes autograd keeps for backward (saved_tensors_hooks; each storage once, weights excluded). "
-    "Measured: *step ms* = wall-clock median over the timed steps, the modes interleaved step by step so host "
+    "Measured: *measured peak* = the allocator's peak of one step (`engine/train/peak.py`, the second step: "
+    "the storages the denoiser, optimizer and guard hold at its start + the most it allocated above that); "
+    "*step ms* = wall-clock median over the timed steps, the modes interleaved step by step so host "
     "noise hits all alike (noisy on a shared CPU; read the ratios). */full* and */naive* are ratios to the full "
     "fine-tuning row and to naive freezing at the same frozen fraction.")
 
