@@ -46,7 +46,7 @@ fi
 stage info 20 python3 -m freezeasguard.engine.cli info
 stage gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_adamw.py tests/test_adamw_lowp.py \
   tests/test_mask_update.py tests/test_attention.py tests/test_frozen_ops.py tests/test_ledger.py tests/test_profiling.py \
-  tests/test_flat_optim.py
+  tests/test_optim_flat.py tests/test_peak.py
 stage bench_adamw 60 python3 -m pytest -q -p no:cacheprovider bench/bench_adamw.py --benchmark-enable \
   --benchmark-json "$OUT/bench_adamw.json"
 stage bench_adamw_lowp 60 python3 -m pytest -q -p no:cacheprovider bench/bench_adamw_lowp.py --benchmark-enable \

@@ -1,13 +1,15 @@
 import os
 
-# Triton kernels run on CPU only through the interpreter, which must be chosen before any
-# @triton.jit function is defined.
-os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Triton kernels run on CPU only through the interpreter, which must be chosen before any
+# @triton.jit function is defined (importing torch defines none); with a GPU they run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 

@@ -101,7 +101,7 @@ def test_audit_outputs_lists_the_outputs_it_rehashed(capsys, tmp_path):
 def test_job_submit_prints_every_path_absolute(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = Path("runs/jobs/j1")  # the service hands back the folder as the user named it
-    record = {"job_id": "j1", "verify": {"summary": "all 0 frozen tensors are bit-identical to the manifest; "
+    record = {"job_id": "j1", "verify": {"summary": "no tensor is frozen by this manifest; "
                                                     "all 3 locked tensors within tolerance"},
               "output": {"path": str((out / "delta.safetensors").absolute()), "sha256": "ab" * 32, "tensors": 3}}
     fake = SimpleNamespace(record=record, out=out, log_entry={"seq": 0, "hash": "cd" * 32})

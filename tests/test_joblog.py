@@ -435,7 +435,6 @@ def _cli(capsys, *args):
 
 
 def test_audit_command(tmp_path, capsys, monkeypatch):
-    from freezeasguard.engine.cli import proof
     from freezeasguard.engine.service.policy import Policy
 
     out = tmp_path / "delta.safetensors"
@@ -468,8 +467,7 @@ def test_audit_command(tmp_path, capsys, monkeypatch):
         return SimpleNamespace(log_key_file=log_file and str(log_file),
                                signature=SimpleNamespace(algorithm="ed25519", key_file=key_file and str(key_file)))
 
-    assert proof.Policy is Policy
-    monkeypatch.setattr(proof, "Policy", SimpleNamespace(load=load))
+    monkeypatch.setattr(Policy, "load", staticmethod(load))  # what the command loads, however it imports it
     rc, stdout, _ = _cli(capsys, str(path), "--policy", "policy.yaml")
     assert rc == 0 and f"every job's manifest must be signed by the publisher key {publisher.key_id}" in stdout
     assert f"signatures verified (key {log_key.key_id})" in stdout

@@ -15,7 +15,6 @@ from freezeasguard.engine.errors import (
     PolicyViolation,
     SignatureError,
 )
-from freezeasguard.engine.cli.verify import proven
 
 
 def cmd_job_submit(args: argparse.Namespace) -> int:
@@ -31,7 +30,7 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
         print(f"freezeasguard job submit: failed: {exc}", file=sys.stderr)
         return 1
     r = result.record
-    print(f"job {r['job_id']}: {proven(r['verify']['summary'])}\n"
+    print(f"job {r['job_id']}: {r['verify']['summary']}\n"
           f"  delta  {r['output']['path']} (sha256 {r['output']['sha256']}, {r['output']['tensors']} tensors)\n"
           f"  record {(result.out / RECORD_FILE).absolute()}\n  logged as #{result.log_entry['seq']} "
           f"(hash {result.log_entry['hash']})")

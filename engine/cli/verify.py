@@ -106,17 +106,6 @@ def _check_base(manifest, base: dict, args: argparse.Namespace) -> None:
                             + ([f"... and {len(problems) - _SHOWN} more"] if len(problems) > _SHOWN else []))
 
 
-_NO_FROZEN = "all 0 frozen tensors are bit-identical to the manifest; "
-
-
-def proven(summary: str) -> str:
-    """A verification summary saying only what was proven: a manifest that only locks directions
-    has no frozen tensor, and "all 0 frozen tensors are bit-identical" would read as a proof."""
-    if summary.startswith(_NO_FROZEN):
-        return "no tensor is frozen by this manifest; " + summary[len(_NO_FROZEN):]
-    return summary
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     from freezeasguard.engine.guard.manifest import Manifest
     from freezeasguard.engine.guard.subspace import lock_residuals
@@ -157,5 +146,5 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"FAIL {report.details[n]}")
     if len(report.failures) > _SHOWN:
         print(f"FAIL ... and {len(report.failures) - _SHOWN} more")
-    print(proven(report.summary()) + (f"; {len(bad_buffers)} buffer(s) differ from the base" if bad_buffers else ""))
+    print(report.summary() + (f"; {len(bad_buffers)} buffer(s) differ from the base" if bad_buffers else ""))
     return 0 if report.ok and other is None and not bad_buffers else 1

@@ -37,6 +37,8 @@ class VerifyReport:
             f"(worst {self.max_lock_residual:.2g} of it)" if not self.lock_violation else
             f"; {len(self.lock_violation)} of {self.locks_checked} locked tensors moved along locked directions")
         frozen = self.missing + self.shape_mismatch + self.dtype_mismatch + self.hash_mismatch
+        if not frozen and not self.checked and self.locks_checked:
+            return f"no tensor is frozen by this manifest{locks}"  # a lock-only manifest: say what was proven
         if not frozen:
             head = f"all {self.checked} frozen tensors are bit-identical to the manifest"
         else:

@@ -56,10 +56,10 @@ class FlatAdamW(torch.optim.Optimizer):
     ``states``: how the moments are stored (``optim.states``: 'fp32', 'bf16' with stochastic
     rounding seeded by ``seed``, or '8bit' blockwise).
 
-    ``grad_buffer``: 'step' (the default for this class: chunks allocated within a step and released
-    by ``zero_grad``, ``optim.gradbuf``), 'persistent' (one buffer for the optimizer's life; the
-    default of subclasses, as FSDP2's binds its sharded gradients to it once), or False: no gradient
-    buffer (``optim.inbackward`` steps each tensor from its own transient gradient).
+    ``grad_buffer``: 'step' (the default: chunks allocated within a step and released by
+    ``zero_grad``, ``optim.gradbuf``), 'persistent' (one buffer for the optimizer's life, as FSDP2's
+    ``ShardedFlatAdamW`` binds its sharded gradients to it once), or False: no gradient buffer
+    (``optim.inbackward`` steps each tensor from its own transient gradient).
     """
 
     def __init__(self, named: list[tuple[str, nn.Parameter]], *, lr: float, betas=(0.9, 0.999),
@@ -93,7 +93,7 @@ class FlatAdamW(torch.optim.Optimizer):
         # zeros: padding between segments (8-bit blocks) stays zero weight, gradient and moment
         flat = torch.zeros(total, dtype=torch.float32, device=device)
         if grad_buffer is None or grad_buffer is True:
-            grad_buffer = "step" if type(self) is FlatAdamW else "persistent"
+            grad_buffer = "step"
         if grad_buffer not in ("step", "persistent", False):
             raise ValueError(f"grad_buffer must be 'step', 'persistent' or False, got {grad_buffer!r}")
         self.segments: list[tuple[str, int, int]] = []

@@ -104,7 +104,6 @@ class InBackwardAdamW(FlatAdamW):
         norm = self._sq.sqrt()
         self.state[self.flat]["prev_norm"] = norm.clone()
         self._scale = self._sq = None  # nothing of the step outlives it but its state
-        self._opt_called = True  # what torch's LR schedulers check to know a step happened
         return norm
 
     def _hook(self, p: nn.Parameter) -> None:

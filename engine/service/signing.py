@@ -116,9 +116,7 @@ def new_ed25519_key() -> Ed25519Key:
 
 
 def _write_secret(path: str | os.PathLike, data: bytes) -> Path:
-    path = atomic_write_bytes(path, data)
-    os.chmod(path, 0o600)  # mkstemp already creates 0600; keep it explicit for readers of the code
-    return path
+    return atomic_write_bytes(path, data, private=True)  # 0600 from creation, never readable by others
 
 
 def save_key(key: Key, path: str | os.PathLike, *, public_path: str | os.PathLike | None = None) -> Path:

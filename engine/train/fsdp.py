@@ -138,7 +138,8 @@ class ShardedFlatAdamW(FlatAdamW):
             # the padded local shard (a stand-in parameter FlatAdamW makes a view of its buffer)
             self.shards.append((n, p, nn.Parameter(fp._sharded_param_data.view(fp.padded_sharded_param_size)), fp))
         self.group = named[0][1].device_mesh.get_group() if named else None
-        super().__init__([(n, q) for n, _, q, _ in self.shards], **kw)
+        # persistent: FSDP reduce-scatters into the stand-in shards' .grad, which must stay views
+        super().__init__([(n, q) for n, _, q, _ in self.shards], grad_buffer="persistent", **kw)
         with torch.no_grad():
             for _, p, q, fp in self.shards:
                 rows = fp.sharded_size[0]

@@ -17,8 +17,8 @@ hooks that do the same (``optim.project``).
 Under ``train.parallel=fsdp`` (``train.fsdp``) the UNet is sharded between the freeze and the
 optimizer, which then steps this process's shards.
 
-The original fp32 values of frozen tensors are kept on the host so that the exported model carries
-them bit for bit, and every job ends with ``verify``: each frozen tensor is compared with the
+The base values of frozen tensors held in bf16 are kept on disk, not in RAM (``guard.originals``),
+so that the exported model carries them bit for bit, and every job ends with ``verify``: each frozen tensor is compared with the
 manifest's SHA-256, and each locked tensor's residual along its locked directions with its fp32
 tolerance, before a final model may be written.
 """
