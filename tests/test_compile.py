@@ -110,6 +110,7 @@ def test_missing_cxx_compiler_is_reported_before_the_first_forward():
 
 
 # ----------------------------------------------------------------------------- order vs the wiring
+@pytest.mark.slow  # two compiled trainings (Dynamo traces, AOT autograd)
 def test_compile_before_or_after_the_wiring_trains_the_same(tmp_path):
     """compile_regions is lazy: before the guard and the flat optimizer (no forward in between) or
     after them, the same graphs are traced and trained; a region traced before the guard is traced

@@ -121,6 +121,7 @@ def _cli(pub, where, name, out, env=None, steps=1, seed=0):
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+@pytest.mark.slow  # six CLI processes at once
 def test_concurrent_jobs_into_one_log_and_colliding_folders(pub, tmp_path):
     # Four jobs at once: two into distinct folders, two pairs colliding on one folder each.
     outs = ["o1", "o2", "shared", "shared", "x", "x"]
@@ -135,8 +136,12 @@ def test_concurrent_jobs_into_one_log_and_colliding_folders(pub, tmp_path):
     assert sum(1 for _, s in _statuses(tmp_path / "jobs.jsonl") if s == "completed") == 4
 
 
-@pytest.mark.parametrize("point, published", [("after-intent", False), ("training", False),
-                                              ("before-record", False), ("after-record", True)])
+# Each point kills a real CLI process (5-10 s of imports each): two run by default, all four in the
+# slow set.
+@pytest.mark.parametrize("point, published", [pytest.param("after-intent", False, marks=pytest.mark.slow),
+                                              ("training", False),
+                                              pytest.param("before-record", False, marks=pytest.mark.slow),
+                                              ("after-record", True)])
 def test_killed_at_every_point_leaves_a_record_for_every_output(pub, tmp_path, point, published):
     proc = _cli(pub, tmp_path, "job", tmp_path / "out", env={FAILPOINT_ENV: point})
     assert proc.wait(timeout=600) == -9  # SIGKILL
