@@ -111,7 +111,7 @@ def run_setup(preset: str, setup: str, *, device: torch.device, resolution: int,
             loss = diffusion_loss(unet, schedule, x0, cond, noise, t)
         update.before_backward(opt, loss, step)
         loss.backward()
-        update.apply_update(opt, trainable, cfg.train.max_grad_norm, step=step, loss=float(loss))
+        update.apply_update(opt, trainable, cfg.train.max_grad_norm, step=step, loss=float(loss.detach()))
         if step == 0:  # at the step's peak point, as the trainer measures it
             ledger = memory_ledger(unet, opt, saved_activation_bytes=saved, frozen_names=frozen_names or None)
         opt.zero_grad(set_to_none=getattr(opt, "zero_grad_set_to_none", True))
