@@ -1,2 +1,2 @@
 """The package version: one definition, read by the build (pyproject's dynamic version) and the code."""
-__version__ = "0.2.0"
+__version__ = "0.3.0"
