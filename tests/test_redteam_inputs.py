@@ -338,6 +338,37 @@ def _swap_at_first_decode(monkeypatch, swap):
     monkeypatch.setattr(D, "_to_square", swapping)
 
 
+def test_hard_link_to_a_file_outside_is_refused_by_the_service(pub, tmp_path, monkeypatch):
+    """A hard link is a second name of a file anywhere on the filesystem (the base weights, a key),
+    with no symlink to resolve: the service refuses a file with st_nlink > 1, from the descriptor
+    it reads; the engine's own loader still reads a folder of hard-linked copies."""
+    names = _names(pub.data)
+    out = tmp_path / "outside"
+    out.mkdir()
+    secret = out / "secret.png"
+    secret.write_bytes(_png((16, 16), "RGB"))
+    data = _data(pub, tmp_path, _row("hard.png"))
+    os.link(secret, data / "hard.png")
+    linked = (f"{data / 'metadata.jsonl'}:9: image file 'hard.png' has 2 hard links (another name may be "
+              "outside the dataset folder; copy the file into the folder)")
+    assert _service(pub, tmp_path, data) == [f"dataset: {linked}"]
+    assert len(D.load_image_folder(data, 16)) == 9
+    # metadata.jsonl itself, hard-linked from outside
+    meta = tmp_path / "meta_data"
+    shutil.copytree(pub.data, meta)
+    os.replace(meta / "metadata.jsonl", out / "metadata.jsonl")
+    os.link(out / "metadata.jsonl", meta / "metadata.jsonl")
+    assert _service(pub, tmp_path, meta) == [
+        f"dataset: {meta / 'metadata.jsonl'}: has 2 hard links (another name may be outside the dataset "
+        "folder; copy the file into the folder)"]
+    # A link made after the file was checked and before it is opened: the count is the open file's.
+    data = _data(pub, tmp_path, name="late")
+    _swap_at_first_decode(monkeypatch, lambda: os.link(data / names[2], out / "late.png"))
+    assert _service(pub, tmp_path, data) == [
+        f"dataset: {data / 'metadata.jsonl'}:3: image file {names[2]!r} has 2 hard links (another name may be "
+        "outside the dataset folder; copy the file into the folder)"]
+
+
 def test_file_swapped_while_being_read(pub, tmp_path, monkeypatch):
     names = _names(pub.data)
     other = _png((16, 16), "RGB")

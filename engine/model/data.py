@@ -127,7 +127,8 @@ def load_image_folder(root: str | os.PathLike, resolution: int, *, caption_colum
                       max_images: int = DEFAULT_MAX_IMAGES, max_pixels: int = DEFAULT_MAX_PIXELS,
                       max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                       max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES, deadline: float | None = None,
-                      confine: bool = True, formats: Sequence[str] = IMAGE_FORMATS) -> ImageDataset:
+                      confine: bool = True, single_link: bool = False,
+                      formats: Sequence[str] = IMAGE_FORMATS) -> ImageDataset:
     """Read and validate an imagefolder with ``metadata.jsonl``, within bounds.
 
     Every line is checked before any image is opened (JSON, caption, domain; the name resolved
@@ -147,6 +148,8 @@ def load_image_folder(root: str | os.PathLike, resolution: int, *, caption_colum
         deadline: a ``time.monotonic()`` value; reading past it is an error (None: no limit).
         confine: refuse a name that leads out of ``root`` (``..``, absolute, a symlink out) before
             anything is opened; nothing outside is looked at.
+        single_link: refuse a file with more than one hard link, as its other name may be outside
+            ``root`` (off by default: a folder of hard-linked copies is an ordinary one to train on).
         formats: the PIL formats an image may have.
     Raises:
         DatasetError naming the file and line of the first problem (or of all, when several); at
@@ -154,7 +157,7 @@ def load_image_folder(root: str | os.PathLike, resolution: int, *, caption_colum
         time) or at a file listed twice.
     """
     root = Path(root)
-    folder = _open_folder(root, confine)
+    folder = _open_folder(root, confine, single_link)
     try:
         todo, problems, meta_digest = check_lines(
             folder, root, caption_column=caption_column, domains=domains, known_domains=known_domains,
@@ -173,7 +176,7 @@ def load_image_folder(root: str | os.PathLike, resolution: int, *, caption_colum
                         files={"metadata.jsonl": meta_digest, **files})
 
 
-def _open_folder(root: Path, confine: bool) -> _Folder:
+def _open_folder(root: Path, confine: bool, single_link: bool = False) -> _Folder:
     """The dataset folder opened for reads confined to it; a missing or unreadable one is refused."""
     try:
         st = os.stat(root)
@@ -182,7 +185,7 @@ def _open_folder(root: Path, confine: bool) -> _Folder:
     if st is None or not stat.S_ISDIR(st.st_mode):
         raise DatasetError(f"dataset folder {str(root)!r} does not exist")
     try:
-        return _Folder(root, confine)
+        return _Folder(root, confine, single_link)
     except OSError as e:
         raise DatasetError(f"dataset folder {str(root)!r} cannot be read ({e.strerror})") from None
 
@@ -238,11 +241,12 @@ def _check_selection(root: Path, records: list[Record], domains: Sequence[str] |
 
 
 def folder_digests(root: str | os.PathLike, names: Iterable[str], *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-                   deadline: float | None = None, confine: bool = True) -> dict[str, str | None]:
+                   deadline: float | None = None, confine: bool = True,
+                   single_link: bool = False) -> dict[str, str | None]:
     """SHA-256 of each named file of a folder, resolved and read as load_image_folder reads them
     (None for one that cannot be read now). Raises DatasetError past ``deadline``."""
     out: dict[str, str | None] = {}
-    folder = _Folder(Path(root), confine)
+    folder = _Folder(Path(root), confine, single_link)
     try:
         for name in names:
             _check_time(deadline, root, repr(name))

@@ -38,6 +38,16 @@ class _Refused(Exception):
     """A name that is not read; ``args[0]`` is one of the messages above."""
 
 
+class _Linked(_Refused):
+    """A file refused under ``single_link``: it has another name, maybe outside the folder."""
+
+    WHY = "another name may be outside the dataset folder; copy the file into the folder"
+
+    def __init__(self, nlink: int):
+        self.nlink = nlink
+        super().__init__(f"image file {{}} has {nlink} hard links ({self.WHY})")
+
+
 def _parts(name: str) -> list[str]:
     """Path components of ``name``, last first (a stack), without empty and '.' ones."""
     return [p for p in reversed(name.split("/")) if p not in ("", ".")]
@@ -51,10 +61,15 @@ class _Folder:
     looked at, so what exists there cannot change the answer. A file is then opened with
     O_NOFOLLOW at every step (a component swapped for a symlink meanwhile fails) and O_NONBLOCK (a
     FIFO swapped in never blocks), and must still be the regular file that was checked.
+
+    With ``single_link``, a file with more than one hard link is refused too: a hard link names a
+    file of anywhere on the filesystem without any symlink to see, so only a file whose one name is
+    in the folder is known to be the folder's. The link count is that of the open descriptor, so
+    the file checked is the file read (a name swapped meanwhile changes nothing).
     """
 
-    def __init__(self, root: Path, confine: bool):
-        self.path, self.confine = os.path.realpath(root), confine
+    def __init__(self, root: Path, confine: bool, single_link: bool = False):
+        self.path, self.confine, self.single_link = os.path.realpath(root), confine, single_link
         self.fd = os.open(self.path, _O_DIR) if _DIRFD else None
 
     def close(self) -> None:
@@ -134,6 +149,9 @@ class _Folder:
         if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino):
             os.close(fd)
             raise _Refused(_CHANGED)
+        if self.single_link and st.st_nlink > 1:
+            os.close(fd)
+            raise _Linked(st.st_nlink)
         return fd
 
     def read(self, parts: tuple[str, ...], expect: os.stat_result, cap: int) -> bytes:
@@ -195,6 +213,8 @@ def _metadata_lines(folder: _Folder, root: Path, meta: Path, cap: int, caption_c
         raise DatasetError(f"{meta}: {st.st_size} bytes, over the cap of {cap} bytes")
     try:
         fd = folder.open(parts, st)
+    except _Linked as r:
+        raise DatasetError(f"{meta}: has {r.nlink} hard links ({r.WHY})") from None
     except _Refused:
         raise DatasetError(f"{meta}: changed while being read") from None
     with os.fdopen(fd, "rb") as f:

@@ -3,7 +3,8 @@ hash what is trained on.
 
 The user who wrote the dataset may have read this code. Every bound (lines, bytes, pixels, time)
 is checked before the work it bounds; every name is resolved inside the folder before anything
-is opened, so a refusal never depends on what exists outside it; PIL's decompression-bomb check
+is opened, so a refusal never depends on what exists outside it, and a file with a second hard
+link (which may be a name of any file outside) is refused from its open descriptor; PIL's decompression-bomb check
 and every decoder error become a named problem. Nothing is written.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ def review_dataset(spec: JobSpec, resolution: int, problems: list[str],
                                domains=spec.data.domains, skip_bad=True, seed=spec.train.seed,
                                max_images=policy.max_images, max_pixels=policy.max_image_pixels,
                                max_image_bytes=policy.max_image_bytes,
-                               max_metadata_bytes=policy.max_metadata_bytes, deadline=deadline, confine=True)
+                               max_metadata_bytes=policy.max_metadata_bytes, deadline=deadline, confine=True,
+                               single_link=True)
     except (DatasetError, OSError) as exc:
         problems.append(f"dataset: {exc}")
         return None, {}
@@ -49,7 +51,8 @@ def review_dataset(spec: JobSpec, resolution: int, problems: list[str],
         problems.append(f"dataset: {len(ds)} image(s), fewer than train.batch_size {spec.train.batch_size}")
     try:
         after = folder_digests(root, ds.files, max_bytes=max(policy.max_image_bytes, policy.max_metadata_bytes),
-                               deadline=deadline, confine=True)
+                               deadline=deadline, confine=True,
+                               single_link=True)
     except (DatasetError, OSError) as exc:
         problems.append(f"dataset: {exc}")
         return None, {}
