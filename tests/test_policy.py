@@ -237,3 +237,46 @@ def test_text_encoder_can_be_pinned_too(unet, manifest):
         text_encoder.weight[0, 0] += 1.0
     (problem,) = base_problems(policy, manifest, unet, text_encoder)[1]
     assert "text encoder fingerprint is not the pinned one" in problem
+
+
+def test_policy_init_refuses_an_unmeetable_share_and_the_publishers_key_as_log_key(tmp_path, capsys):
+    """A min_guard_share no listed manifest meets refuses every job; a log signed with the
+    publisher's key (its private half, or the same HMAC secret) can be forged by the publisher's
+    side and proves nothing about the service."""
+    from freezeasguard.engine.cli.main import main
+    from freezeasguard.engine.model.components import build_components, save_components
+    from freezeasguard.engine.service.policy import guard_share, policy_for
+
+    c = build_components("tiny", seed=0)
+    save_components(c, tmp_path / "base")
+    mask = FreezeMask.from_patterns(c.unet, ["down_blocks.0.attentions.*"])
+    ed, hm = new_ed25519_key(), new_hmac_key()
+    save_key(ed, tmp_path / "pub.key", public_path=tmp_path / "pub.pem")
+    save_key(hm, tmp_path / "hmac.key")
+    save_key(new_hmac_key(), tmp_path / "service.key")
+    for key, name in ((ed, "m_ed.json"), (hm, "m_hmac.json")):
+        sign_manifest(Manifest.build(c.unet, mask, provenance={"method": "patterns"}), key).save(tmp_path / name)
+    m_ed, m_hmac = Manifest.load(tmp_path / "m_ed.json"), Manifest.load(tmp_path / "m_hmac.json")
+    share = guard_share(m_ed)
+    assert 0 < share < 0.5
+    base = tmp_path / "base"
+    assert policy_for(m_ed, tmp_path / "pub.pem", base, log_key_file=tmp_path / "service.key",
+                      min_guard_share=share).min_guard_share == share
+    with pytest.raises(ConfigError, match=r"min_guard_share 50\.0% is met by none of the manifests \(they guard "
+                                          rf"{share:.1%} of the UNet's parameters\): every job would be refused"):
+        policy_for(m_ed, tmp_path / "pub.pem", base, log_key_file=tmp_path / "service.key", min_guard_share=0.5)
+    for key_file, log_key, m in (("pub.pem", "pub.key", m_ed), ("hmac.key", "hmac.key", m_hmac)):
+        with pytest.raises(SignatureError, match=f"{log_key} is the publisher's key"):
+            policy_for(m, tmp_path / key_file, base, log_key_file=tmp_path / log_key)
+    # The command line: one line on stderr, exit 2, nothing written.
+    argv = ["policy", "init", "--manifest", str(tmp_path / "m_ed.json"), "--key-file", str(tmp_path / "pub.pem"),
+            "--base", str(base), "--out", str(tmp_path / "policy.yaml")]
+    for extra, said in ((["--log-key", str(tmp_path / "service.key"), "--min-guard-share", "0.5"],
+                         "min_guard_share 50.0% is met by none of the manifests"),
+                        (["--log-key", str(tmp_path / "pub.key")], "pub.key is the publisher's key")):
+        capsys.readouterr()
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("freezeasguard policy init: error: ") and said in err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert not (tmp_path / "policy.yaml").exists()

@@ -223,6 +223,10 @@ def policy_for(manifests: Manifest | list[Manifest], key_file: str | os.PathLike
     log_key = load_key(log_key_file)
     if isinstance(log_key, Ed25519Key) and log_key.private is None:
         raise SignatureError(f"{log_key_file} holds only a public key: the service signs its log with the private one")
+    if log_key.alg == key.alg and log_key.key_id == key.key_id:
+        # whoever holds the publisher's key could then sign log entries, and the log proves nothing
+        raise SignatureError(f"{log_key_file} is the publisher's key ({key_file}, key id {key.key_id}): the "
+                             "service signs its log with a key of its own (keygen writes one)")
     policy = from_dict(Policy, {"base_fingerprint": manifests[0].base_fingerprint, **caps,
                                 "model_fingerprint": model_folder_fingerprint(model_folder_files(base)),
                                 "manifests": [m.digest() for m in manifests], "log_key_file": str(log_key_file),
@@ -232,6 +236,11 @@ def policy_for(manifests: Manifest | list[Manifest], key_file: str | os.PathLike
     problems = policy.problems()
     if problems:
         raise ConfigError("not a usable policy:\n  " + "\n  ".join(problems))
+    shares = [guard_share(m) for m in manifests]
+    if max(shares) < policy.min_guard_share:
+        raise ConfigError(f"min_guard_share {policy.min_guard_share:.1%} is met by none of the manifests (they "
+                          f"guard {', '.join(f'{s:.1%}' for s in shares)} of the UNet's parameters): every job "
+                          "would be refused")
     return policy
 
 
