@@ -192,3 +192,31 @@ def test_a_live_claim_is_still_refused_at_planning(pub, tmp_path):
             _plan(pub, tmp_path, "a", tmp_path / "out")
     finally:
         claim.release()
+
+
+def test_full_disk_is_one_line_and_a_failed_record(pub, tmp_path, monkeypatch, capsys):
+    """ENOSPC while the delta is written: the job is logged failed, nothing is published, and the
+    command line says one line (exit 2), not a traceback."""
+    import errno
+
+    from freezeasguard.engine.cli.main import main
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / DELTA_FILE))
+
+    monkeypatch.setattr(run_mod, "save_safetensors_atomic", full)
+    spec = pub.spec(tmp_path / "job.yaml", train={"steps": 1})
+    log = tmp_path / "jobs.jsonl"
+    capsys.readouterr()
+    rc = main(["job", "submit", str(spec), "--policy", str(pub.policy_path), "--manifest", str(pub.manifest_path),
+               "--base", str(pub.base), "--out", str(tmp_path / "out"), "--log", str(log)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("freezeasguard")]
+    assert rc == 2, err
+    assert lines == [f"freezeasguard job submit: error: [Errno {errno.ENOSPC}] No space left on device: "
+                     f"{str(tmp_path / 'out' / DELTA_FILE)!r}"]
+    assert "Traceback" not in err
+    assert [s for _, s in _statuses(log)] == ["started", "failed"]
+    assert "No space left on device" in list(read_entries(log))[-1][1]["record"]["error"]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".stage-" in p.name or p.name.startswith(".")]

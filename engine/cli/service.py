@@ -29,6 +29,11 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
     except (JobError, JobLogError) as exc:
         print(f"freezeasguard job submit: failed: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # A full disk, a folder that cannot be written, ...: the job is already on the log as
+        # failed and nothing was published; the user needs what failed, not a traceback.
+        print(f"freezeasguard job submit: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     r = result.record
     print(f"job {r['job_id']}: {r['verify']['summary']}\n"
           f"  delta  {r['output']['path']} (sha256 {r['output']['sha256']}, {r['output']['tensors']} tensors)\n"
