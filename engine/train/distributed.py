@@ -9,6 +9,7 @@ instead of waiting on a collective the main process never reaches.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -47,6 +48,11 @@ class DistInfo:
         return t
 
 
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1).
 
@@ -64,4 +70,7 @@ def init_distributed(device_type: str) -> DistInfo:
             dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
         else:
             dist.init_process_group("gloo")
+        # Left to the interpreter's teardown, the group's threads can outlive it: a finished run
+        # then aborts at exit ("terminate called without an active exception", exit code -6).
+        atexit.register(_leave_process_group)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
