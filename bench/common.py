@@ -54,8 +54,8 @@ def conditions(**extra: Any) -> dict[str, Any]:
     """Where and with what a number was measured."""
     import diffusers
 
-    from freezeasguard.engine.version import __version__
     from freezeasguard.engine.backends import all_backends
+    from freezeasguard.engine.version import __version__
 
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)

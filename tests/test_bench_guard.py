@@ -3,8 +3,6 @@ import json
 
 import pytest
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from freezeasguard.engine.cli.main import build_parser, main as cli_main
+from freezeasguard.engine.cli.main import build_parser
+from freezeasguard.engine.cli.main import main as cli_main
 
 
 def _leaves(parser: argparse.ArgumentParser, path=()):

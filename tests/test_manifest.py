@@ -4,13 +4,13 @@ import json
 import pytest
 import torch
 
-from freezeasguard.engine.version import __version__
 from freezeasguard.engine.errors import ManifestError, MaskError
 from freezeasguard.engine.guard.hashing import model_fingerprint, tensor_sha256
 from freezeasguard.engine.guard.manifest import SCHEMA, Manifest, load_mask
 from freezeasguard.engine.guard.mask import FreezeMask
 from freezeasguard.engine.guard.verify import verify_frozen
 from freezeasguard.engine.model.presets import build_unet
+from freezeasguard.engine.version import __version__
 
 
 @pytest.fixture(scope="module")

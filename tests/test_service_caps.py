@@ -10,8 +10,8 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_service_run import publish
 from test_redteam import _refused, _snapshot
+from test_service_run import publish
 
 from freezeasguard.engine.errors import ConfigError, JobError, PolicyViolation
 from freezeasguard.engine.guard.manifest import Manifest

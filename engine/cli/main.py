@@ -13,8 +13,8 @@ import importlib
 import logging
 import sys
 
-from freezeasguard.engine.version import __version__
 from freezeasguard.engine.errors import FreezeAsGuardError
+from freezeasguard.engine.version import __version__
 
 
 def _command(p: argparse.ArgumentParser, impl: str) -> None:

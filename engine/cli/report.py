@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 
-
 def cmd_mask_report(args: argparse.Namespace) -> int:
     from freezeasguard.engine.guard.manifest import Manifest
     from freezeasguard.engine.learn.report import format_report, jaccard, plot_masks

@@ -29,13 +29,13 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from freezeasguard.engine.version import __version__
 from freezeasguard.engine.errors import ManifestError, MaskError
 from freezeasguard.engine.guard.hashing import NamedTensors, dtype_name, model_fingerprint, named_tensors, tensor_sha256
 from freezeasguard.engine.guard.manifest_schema import SCHEMA, check_document, counts_of, lock_section_problems
 from freezeasguard.engine.guard.mask import FreezeMask, ModelLike, read_json
 from freezeasguard.engine.guard.subspace import SubspaceLock
 from freezeasguard.engine.io import atomic_write_json
+from freezeasguard.engine.version import __version__
 
 
 def _now_iso() -> str:

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from freezeasguard.engine.version import __version__
 from freezeasguard.engine.errors import MaskLearnError
 from freezeasguard.engine.learn.config import MaskLearnConfig
 from freezeasguard.engine.learn.flat import FlatLayout
 from freezeasguard.engine.train import checkpoint as ckpt
+from freezeasguard.engine.version import __version__
 
 # The learner's buffers a checkpoint holds, one file each.
 STATE_KEYS = ("theta", "theta_d", "exp_avg", "exp_avg_sq", "logits")

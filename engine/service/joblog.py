@@ -37,6 +37,7 @@ from typing import Any, BinaryIO, Iterator
 
 from freezeasguard.engine.errors import JobLogError
 from freezeasguard.engine.io import fsync_dir
+from freezeasguard.engine.service.logcheckpoint import save_checkpoint, verified_walk
 from freezeasguard.engine.service.logentry import (  # noqa: F401  (the log's public names, in one place)
     ENTRY_TAG,
     GENESIS,
@@ -48,7 +49,6 @@ from freezeasguard.engine.service.logentry import (  # noqa: F401  (the log's pu
     sign_entry_hash,
     signing_key_problem,
 )
-from freezeasguard.engine.service.logcheckpoint import save_checkpoint, verified_walk
 from freezeasguard.engine.service.logverify import (  # noqa: F401
     AuditReport,
     Walk,

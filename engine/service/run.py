@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from freezeasguard.engine.version import __version__
 from freezeasguard.engine.errors import JobError, JobLogError
 from freezeasguard.engine.guard.hashing import model_folder_files
 from freezeasguard.engine.guard.verify import VerifyReport
@@ -37,6 +36,7 @@ from freezeasguard.engine.service.publish import claim_output, failpoint, publis
 from freezeasguard.engine.service.records import utc_now
 from freezeasguard.engine.service.spec import JobSpec
 from freezeasguard.engine.train.trainer import Trainer
+from freezeasguard.engine.version import __version__
 
 log = logging.getLogger("freezeasguard")
 

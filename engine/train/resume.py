@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from freezeasguard.engine.version import __version__
 from freezeasguard.engine.config import FinetuneConfig, from_dict
 from freezeasguard.engine.errors import ConfigError, TrainingError
 from freezeasguard.engine.train import checkpoint as ckpt
+from freezeasguard.engine.version import __version__
 
 CHECKPOINT_FORMAT = "freezeasguard.checkpoint/2"
 RESUME_FREE_KEYS = ("out_dir", "train.steps", "train.progress", "train.log_every", "train.checkpoint_every",

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from freezeasguard.engine.version import __version__
 from freezeasguard.engine.config import FinetuneConfig
 from freezeasguard.engine.errors import TrainingError
 from freezeasguard.engine.guard.tensor import TensorGuard
@@ -41,6 +40,7 @@ from freezeasguard.engine.train.progress import StepLog
 from freezeasguard.engine.train.resume import checkpoint_state, read_resumable
 from freezeasguard.engine.train.schedule import LRSchedule
 from freezeasguard.engine.train.wiring import Wired, apply_freeze, as_wired, log_wiring
+from freezeasguard.engine.version import __version__
 
 log = logging.getLogger("freezeasguard")
 
