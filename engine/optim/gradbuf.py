@@ -99,17 +99,17 @@ class StepGradients:
                     if any(self.params[i].grad is not None for i in self.members[c]):
                         self._allocate(c)
                     continue
-                lo = self.ranges[c][0]
+                lo, base, size = self.ranges[c][0], buf.data_ptr(), buf.element_size()
                 for i in self.members[c]:
                     p, (_, off, n) = self.params[i], self.segments[i]
-                    view = buf[off - lo:off - lo + n].view_as(p)
                     g = p.grad
+                    if g is not None and g.data_ptr() == base + (off - lo) * size:
+                        continue  # the common case, still the chunk's view: no view built per step
+                    view = buf[off - lo:off - lo + n].view_as(p)
                     if g is None:
                         view.zero_()
-                    elif g.data_ptr() != view.data_ptr():
-                        view.copy_(g)
                     else:
-                        continue
+                        view.copy_(g)
                     p.grad = view
 
     def release(self) -> None:
