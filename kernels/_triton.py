@@ -98,3 +98,15 @@ def requested_error(what: str, why: str) -> RuntimeError:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1): Triton block sizes."""
     return 1 << max(0, n - 1).bit_length()
+
+
+def flat_buffer_problem(name: str, t: object) -> str | None:
+    """Why ``t`` cannot be one of a kernel's flat buffers (a 1-D contiguous tensor), or None. Each
+    launcher raises its own error class with it, then checks dtypes and sizes its op needs."""
+    if not isinstance(t, torch.Tensor):
+        return f"{name} must be a torch.Tensor, got {type(t).__name__}"
+    if t.dim() != 1:
+        return f"{name} must be a flat 1-D buffer, got shape {tuple(t.shape)}"
+    if not t.is_contiguous():
+        return f"{name} must be contiguous (stride {t.stride()})"
+    return None

@@ -38,7 +38,7 @@ import math
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 
-from freezeasguard.kernels._triton import HAS_TRITON, interpreting, next_pow2, resolve_backend
+from freezeasguard.kernels._triton import HAS_TRITON, flat_buffer_problem, interpreting, next_pow2, resolve_backend
 from freezeasguard.kernels.choices import ADAMW_BACKENDS, AdamWBackend
 
 __all__ = [
@@ -212,12 +212,8 @@ def _validate(
 ) -> None:
     named = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise AdamWInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 1:
-            raise AdamWInputError(f"{name} must be a flat 1-D buffer, got shape {tuple(t.shape)}")
-        if not t.is_contiguous():
-            raise AdamWInputError(f"{name} must be contiguous (stride {t.stride()})")
+        if (why := flat_buffer_problem(name, t)) is not None:
+            raise AdamWInputError(why)
     n = param.numel()
     for name, t in named.items():
         if t.numel() != n:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from freezeasguard.kernels._triton import HAS_TRITON, resolve_backend
+from freezeasguard.kernels._triton import HAS_TRITON, flat_buffer_problem, resolve_backend
 from freezeasguard.kernels.adamw import AdamWInputError, launch_config
 from freezeasguard.kernels.choices import Backend
 
@@ -122,12 +122,8 @@ def adamw_math_ref(p, g, m, v, *, start: int, decay_end: int, sc: StepScalars, g
 
 def check_buffer(name: str, t, numel: int, dtypes: tuple, device, what: str) -> None:
     """One flat state buffer: a 1-D contiguous tensor of ``numel`` elements of an allowed dtype."""
-    if not isinstance(t, torch.Tensor):
-        raise AdamWInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 1:
-        raise AdamWInputError(f"{name} must be a flat 1-D buffer, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise AdamWInputError(f"{name} must be contiguous (stride {t.stride()})")
+    if (why := flat_buffer_problem(name, t)) is not None:
+        raise AdamWInputError(why)
     if t.numel() != numel:
         raise AdamWInputError(f"{name} has {t.numel()} elements, {what}")
     if device is not None and t.device != device:

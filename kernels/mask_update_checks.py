@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from freezeasguard.kernels._triton import flat_buffer_problem
+
 __all__ = ["MaskUpdateInputError", "check_flat", "validate"]
 
 
@@ -15,12 +17,8 @@ class MaskUpdateInputError(ValueError):
 
 
 def check_flat(name: str, t: object, n: int | None, device: torch.device | None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise MaskUpdateInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 1:
-        raise MaskUpdateInputError(f"{name} must be a flat 1-D buffer, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise MaskUpdateInputError(f"{name} must be contiguous (stride {t.stride()})")
+    if (why := flat_buffer_problem(name, t)) is not None:
+        raise MaskUpdateInputError(why)
     if t.dtype != torch.float32:
         raise MaskUpdateInputError(f"{name} must be float32, got {t.dtype}")
     if n is not None and t.numel() != n:
